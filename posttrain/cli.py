@@ -1,0 +1,147 @@
+"""posttrain command line: parse, call, print. User errors print one message (no traceback) and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from posttrain.errors import PosttrainError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
+                        format="posttrain: %(message)s")
+    try:
+        return args.func(args) or 0
+    except PosttrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: completed checkpoints are intact; continue with `posttrain run RECIPE --resume`",
+              file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="Distributed LLM post-training on Ray + DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_cmd(name: str, help: str):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("recipe", help="recipe YAML file")
+        sp.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values")
+        return sp
+
+    sp = recipe_cmd("validate", "check a recipe and report every problem with file:line and field")
+    sp.set_defaults(func=_validate)
+    sp = recipe_cmd("show", "print the resolved recipe (defaults filled in, overrides applied)")
+    sp.set_defaults(func=_show)
+    sp = recipe_cmd("run", "run a recipe's stages")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
+    sp.add_argument("--resume", action="store_true", help="skip finished stages, restart the interrupted one from its last checkpoint")
+    sp.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+    sp.set_defaults(func=_run)
+    sp = sub.add_parser("list", help="stage kinds, algorithms, verifiers and bundled recipes")
+    sp.set_defaults(func=_list)
+    sp = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (LoRA merged into the base)")
+    sp.add_argument("checkpoint", help="checkpoint directory (full model or peft adapter)")
+    sp.add_argument("out", help="output directory (must not exist)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.set_defaults(func=_export)
+    return p
+
+
+def _load(args):
+    from posttrain.recipe.load import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def _validate(args) -> int:
+    recipe = _load(args)
+    print(f"{args.recipe}: ok ({len(recipe.stages)} stage(s): {', '.join(s.name for s in recipe.stages)})")
+    return 0
+
+
+def _show(args) -> int:
+    from posttrain.recipe.load import dump_recipe
+
+    print(dump_recipe(_load(args)), end="")
+    return 0
+
+
+def _run(args) -> int:
+    from posttrain import pipeline
+
+    recipe = _load(args)
+    if args.dry_run:
+        print(pipeline.plan(pipeline.absolute_paths(recipe)))
+        return 0
+    out = pipeline.run(recipe, resume=args.resume)
+    summary = json.loads((out / pipeline.SUMMARY).read_text())
+    for s in summary["stages"]:
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in s["metrics"].items())
+        print(f"{s['name']}: {shown}" + (f"  [checkpoint {s['checkpoint']}]" if s.get("checkpoint") else ""))
+    report = out / "report.html"
+    print(f"run directory: {out}" + (f"\nreport: {report}" if report.exists() else ""))
+    return 0
+
+
+def _list(args) -> int:
+    from posttrain.algorithms import ALGORITHM_DESCRIPTIONS
+    from posttrain.recipe.schema import STAGE_DESCRIPTIONS
+    from posttrain.verifiers import VERIFIER_DESCRIPTIONS
+
+    rows = [("stage", k, v) for k, v in STAGE_DESCRIPTIONS.items()]
+    rows += [("algorithm", k, v) for k, v in ALGORITHM_DESCRIPTIONS.items()]
+    rows += [("verifier", k, v) for k, v in VERIFIER_DESCRIPTIONS.items()]
+    rows += [("recipe", str(p), _first_comment(p)) for p in bundled_recipes()]
+    width = max(len(r[1]) for r in rows)
+    for kind, name, desc in rows:
+        print(f"{kind:<9} {name:<{width}}  {desc}")
+    return 0
+
+
+def bundled_recipes() -> list[Path]:
+    """Recipes shipped beside the package (source checkout), shown relative to the working directory."""
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    found = sorted(root.glob("*.yaml")) if root.is_dir() else []
+    cwd = Path.cwd()
+    return [p.relative_to(cwd) if p.is_relative_to(cwd) else p for p in found]
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _export(args) -> int:
+    from posttrain.models.load import is_adapter_dir, merge_adapter
+
+    src, out = Path(args.checkpoint), Path(args.out)
+    if out.exists():
+        raise PosttrainError(f"export: {out} already exists; choose a new output directory")
+    if not src.is_dir():
+        raise PosttrainError(f"export: no such checkpoint directory: {src}")
+    if is_adapter_dir(src):
+        merge_adapter(src, out, args.dtype)
+    else:
+        from posttrain.models.load import load_causal_lm, load_tokenizer
+
+        load_causal_lm(src, args.dtype, trainable=False).save_pretrained(out, safe_serialization=True)
+        load_tokenizer(src).save_pretrained(out)
+    print(f"wrote {out} (Hugging Face format, safetensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

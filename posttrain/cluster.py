@@ -1,0 +1,123 @@
+"""Ray: start an embedded local instance or connect to a cluster, and place each role's actors.
+
+Each stage creates the actors it needs and removes them when it ends, so a laptop with a few
+cores can run learners in one stage and samplers in the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from posttrain.errors import PosttrainError
+from posttrain.recipe.schema import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+# Which actor roles each stage kind runs at the same time (for the resource check and the plan).
+STAGE_ROLES: dict[str, tuple[str, ...]] = {"sft": ("learner",), "eval": ("sampler", "verifier")}
+
+
+@dataclass
+class Demand:
+    role: str
+    actors: int
+    cpus: float  # per actor
+    gpus: float
+
+    def __str__(self) -> str:
+        gpu = f", {self.gpus:g} GPU" if self.gpus else ""
+        return f"{self.actors} {self.role} actor(s) x {self.cpus:g} CPU{gpu}"
+
+
+def stage_demands(cfg: ClusterConfig, kind: str) -> list[Demand]:
+    roles = {"learner": cfg.learner, "sampler": cfg.sampler, "verifier": cfg.verifier}
+    return [Demand(r, roles[r].actors, roles[r].cpus, getattr(roles[r], "gpus", 0.0)) for r in STAGE_ROLES[kind]]
+
+
+def local_resources(cfg: ClusterConfig) -> dict[str, float]:
+    return {"CPU": float(cfg.num_cpus or os.cpu_count() or 1), "GPU": float(cfg.num_gpus)}
+
+
+def check_fits(stage: str, demands: list[Demand], available: dict[str, float]) -> None:
+    """Refuse a stage whose actors cannot all be placed at once, saying which knob to turn."""
+    for res, key in (("CPU", "cpus"), ("GPU", "gpus")):
+        need = sum(d.actors * getattr(d, key) for d in demands)
+        have = available.get(res, 0.0)
+        if need > have + 1e-9:
+            parts = " + ".join(str(d) for d in demands if getattr(d, key))
+            raise PosttrainError(
+                f"stage {stage!r} needs {need:g} {res}s ({parts}) but the Ray cluster has {have:g}. "
+                f"Lower cluster.<role>.actors or cluster.<role>.{key}"
+                + (", or raise cluster.num_cpus" if res == "CPU" else ", or run where GPUs are available")
+            )
+
+
+@contextmanager
+def ray_session(cfg: ClusterConfig, env: dict[str, str]) -> Iterator[dict[str, float]]:
+    """Start or join Ray for the run; yields the cluster's total resources."""
+    import ray
+
+    runtime_env = {"env_vars": env}
+    if cfg.address == "local":
+        res = local_resources(cfg)
+        ray.init(num_cpus=int(res["CPU"]), num_gpus=int(res["GPU"]), include_dashboard=False,
+                 logging_level=logging.WARNING, runtime_env=runtime_env, configure_logging=True)
+    else:
+        try:
+            ray.init(address=cfg.address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        except Exception as exc:  # ConnectionError, or RuntimeError/ValueError on malformed addresses
+            raise PosttrainError(
+                f"cluster.address: could not connect to Ray at {cfg.address!r} ({type(exc).__name__}: {exc}). "
+                "Start a cluster there (`ray start --head`) or use cluster.address=local for an embedded one."
+            ) from None
+    try:
+        yield {k: float(v) for k, v in ray.cluster_resources().items()}
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class ActorGroup:
+    """The actors of one role for one stage; closing it frees their resources for the next stage."""
+
+    actors: list
+    placement: object = None
+
+    def __enter__(self) -> list:
+        return self.actors
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        if self.placement is not None:
+            ray.util.remove_placement_group(self.placement)
+
+
+def spawn(cls: type, demand: Demand, args_per_actor: list[tuple], pack: bool = False) -> ActorGroup:
+    """Create one actor of `cls` per argument tuple, each reserving the role's CPUs/GPUs.
+
+    With pack=True the actors share a PACK placement group (learners: keep a group on few nodes).
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    remote = ray.remote(cls)
+    opts: list[dict] = [dict(num_cpus=demand.cpus, num_gpus=demand.gpus) for _ in args_per_actor]
+    pg = None
+    if pack:
+        bundle = {"CPU": demand.cpus, **({"GPU": demand.gpus} if demand.gpus else {})}
+        pg = placement_group([bundle] * len(args_per_actor), strategy="PACK")
+        ready, _ = ray.wait([pg.ready()], timeout=120)
+        if not ready:
+            ray.util.remove_placement_group(pg)
+            raise PosttrainError(f"could not place {demand} within 120 s: the cluster lacks free resources")
+        for i, o in enumerate(opts):
+            o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+    return ActorGroup([remote.options(**o).remote(*a) for o, a in zip(opts, args_per_actor)], pg)

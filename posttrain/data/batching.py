@@ -1,0 +1,103 @@
+"""From rows to padded token micro-batches for the learners.
+
+Data order is a pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted run would. Within one optimizer step the sequences are sorted by length before
+being cut into micro-batches, so each micro-batch pads only to its own longest sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    n_prompt: int  # tokens before the completion; the loss covers input_ids[n_prompt:]
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded micro-batch. Crosses Ray as one object."""
+
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long
+    loss_mask: torch.Tensor  # (B, T) float: 1 on completion tokens
+
+    @property
+    def n_target_tokens(self) -> int:
+        return int(self.loss_mask[:, 1:].sum().item())
+
+
+def render_prompt(tokenizer: Any, row: dict[str, Any]) -> str:
+    """The prompt text: as written, or the chat history rendered with the tokenizer's template."""
+    if row.get("messages"):
+        messages = json.loads(row["messages"])
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return row["prompt"]
+
+
+def encode_prompt(tokenizer: Any, row: dict[str, Any]) -> list[int]:
+    # Chat templates already hold the special tokens they want; plain prompts get the tokenizer's defaults.
+    text = render_prompt(tokenizer, row)
+    return tokenizer(text, add_special_tokens=not row.get("messages"))["input_ids"]
+
+
+def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int) -> tuple[Example, bool]:
+    """Prompt and completion tokenised separately (as the sampler sees them), then eos.
+
+    Returns the example and whether it was truncated to max_length.
+    """
+    prompt = encode_prompt(tokenizer, row)
+    completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt + completion
+    return Example(ids[:max_length], min(len(prompt), max_length)), len(ids) > max_length
+
+
+def collate(examples: list[Example], pad_id: int) -> TokenBatch:
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    loss = torch.zeros((len(examples), T), dtype=torch.float32)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        attn[i, :n] = 1
+        loss[i, e.n_prompt : n] = 1.0
+    return TokenBatch(ids, attn, loss)
+
+
+def step_indices(n_rows: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step`: consecutive slices of per-epoch permutations."""
+    out: list[int] = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_rows)
+        perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return out
+
+
+def shard_step(examples: list[Example], world_size: int, micro_batch_size: int, pad_id: int) -> list[list[TokenBatch]]:
+    """Split one optimizer step's examples into [rank][micro-batch] TokenBatches.
+
+    Sorted by length so micro-batches are length-homogeneous (little padding); micro-batches are
+    dealt round-robin to ranks so every rank gets the same number (DeepSpeed steps in lockstep).
+    """
+    per_rank = len(examples) // world_size
+    if per_rank * world_size != len(examples) or per_rank % micro_batch_size:
+        raise ValueError(f"batch of {len(examples)} does not split into {world_size} ranks x micro-batches of {micro_batch_size}")
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    micro = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+    return [[collate(mb, pad_id) for mb in micro[r::world_size]] for r in range(world_size)]
+
+
+def micro_batches(examples: list[Example], micro_batch_size: int, pad_id: int) -> list[TokenBatch]:
+    """Length-sorted micro-batches for evaluation (no lockstep needed)."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    return [collate(ordered[i : i + micro_batch_size], pad_id) for i in range(0, len(ordered), micro_batch_size)]

@@ -1,0 +1,237 @@
+"""Run a recipe's stages in order: each stage's checkpoint feeds the next; --resume picks up where a run stopped.
+
+runs/<name>/ holds summary.json (the run's state, rewritten atomically after every stage change),
+metrics.jsonl, recipe.yaml (as resolved), one directory per stage, and report.html at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import PosttrainError
+from posttrain.recipe.load import dump_recipe, recipe_to_dict
+from posttrain.recipe.schema import Recipe, SFTStage
+
+log = logging.getLogger(__name__)
+SUMMARY = "summary.json"
+
+
+def run_dir(recipe: Recipe) -> Path:
+    return Path(recipe.tracking.output_dir).expanduser().resolve() / recipe.name
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """A copy with every user path made absolute, so actors (whose cwd differs) see the same files."""
+    r = dataclasses.replace(recipe)
+    r.model = dataclasses.replace(recipe.model, path=_abs(recipe.model.path))
+    r.data = {k: dataclasses.replace(d, path=_abs(d.path) if d.path else None) for k, d in recipe.data.items()}
+    r.stages = [dataclasses.replace(s, model=_abs(s.model) if s.model else None) for s in recipe.stages]
+    r.tracking = dataclasses.replace(recipe.tracking, output_dir=str(Path(recipe.tracking.output_dir).expanduser().resolve()))
+    return r
+
+
+def _abs(path: str) -> str:
+    p = Path(path).expanduser()
+    # Hub ids ("org/model") stay as they are; anything that exists or looks like a path is resolved.
+    return str(p.resolve()) if p.exists() or path.startswith((".", "/", "~")) else path
+
+
+def check_recipe_resources(recipe: Recipe, available: dict[str, float]) -> None:
+    from posttrain.cluster import check_fits, stage_demands
+
+    for s in recipe.stages:
+        check_fits(s.name, stage_demands(recipe.cluster, s.kind), available)
+
+
+def ensure_model(recipe: Recipe) -> None:
+    """Build the embedded tiny model if the recipe asks for it and it is not there; then check the path."""
+    from posttrain.models.load import check_model_path
+
+    if recipe.model.tiny is not None and not Path(recipe.model.path).exists():
+        from posttrain.models.tiny import build_tiny_model
+
+        log.info("building the tiny Llama model at %s", recipe.model.path)
+        build_tiny_model(recipe.model.path, recipe.model.tiny)
+    check_model_path(recipe.model.path)
+    for i, s in enumerate(recipe.stages):
+        if s.model:
+            check_model_path(s.model, f"stages.{i}.model")
+
+
+# ---------------------------------------------------------------------- plan
+def plan(recipe: Recipe) -> str:
+    """The resolved plan printed by --dry-run: stages, actors and resources, data sizes, outputs."""
+    from posttrain.cluster import local_resources, stage_demands
+    from posttrain.data.datasets import load_split
+
+    out = run_dir(recipe)
+    c = recipe.cluster
+    where = (f"embedded local Ray, {local_resources(c)['CPU']:g} CPU(s), {c.num_gpus} GPU(s)"
+             if c.address == "local" else f"Ray cluster at {c.address}")
+    model = recipe.model
+    lines = [f"run {recipe.name!r} -> {out}", f"ray: {where}",
+             f"model: {model.path} ({model.dtype}"
+             + (", tiny Llama built there if missing" if model.tiny else "")
+             + (f", LoRA r={model.lora.r} alpha={model.lora.alpha} on {','.join(model.lora.target_modules)}" if model.lora else "")
+             + ")"]
+    sizes: dict[tuple[str, str], int] = {}
+
+    def size(name: str, split: str) -> str:
+        if (name, split) not in sizes:
+            try:
+                sizes[name, split] = len(load_split(name, recipe.data[name], split))
+            except PosttrainError as exc:
+                raise PosttrainError(f"dry run: {exc}") from None
+        return f"{name}:{split} ({sizes[name, split]:,} rows)"
+
+    for i, s in enumerate(recipe.stages, 1):
+        lines.append(f"stage {i} {s.name!r} [{s.kind}]")
+        if isinstance(s, SFTStage):
+            lr = c.learner
+            lines.append(f"  data: train {size(s.data, s.train_split)}"
+                         + (f", held-out {size(s.data, s.eval_split)}" if s.eval_split else ""))
+            gas = s.batch_size // (lr.actors * s.micro_batch_size)
+            lines.append(f"  train: {s.steps} steps x {s.batch_size} sequences ({lr.actors} actor(s) x {gas} micro-batch(es)"
+                         f" x {s.micro_batch_size}), lr {s.optim.lr:g} {s.optim.schedule}, warmup {s.optim.warmup_steps}")
+            lines.append(f"  learner: {lr.backend}" + (f" ZeRO-{lr.zero_stage}" if lr.backend == "deepspeed" else ""))
+            lines.append(f"  checkpoints: {out / s.name / 'checkpoints'}/step-NNNNNN every {s.save_every} steps (keep {s.keep_last})")
+        else:
+            what = (["greedy pass@1"] if s.greedy else []) + (
+                [f"{s.samples} samples/problem -> pass@k, maj@k for k in {s.pass_k}"] if s.samples else [])
+            lines.append(f"  data: {size(s.data, s.split)}" + (f", first {s.max_problems}" if s.max_problems else ""))
+            lines.append(f"  eval: {'; '.join(what)}; verifier {recipe.data[s.data].verifier}")
+            lines.append(f"  samples: {out / s.name}/samples_*.jsonl")
+        for d in stage_demands(c, s.kind):
+            lines.append(f"  actors: {d}")
+    lines.append(f"outputs: {out}/summary.json, metrics.jsonl, report.html")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- run
+def run(recipe: Recipe, resume: bool = False) -> Path:
+    from posttrain.cluster import local_resources, ray_session
+    from posttrain.report import write_report
+    from posttrain.tracking import MetricsLogger, WandbSettings
+
+    recipe = absolute_paths(recipe)
+    out = run_dir(recipe)
+    summary = _open_run(out, recipe, resume)
+    if recipe.cluster.address == "local":
+        check_recipe_resources(recipe, local_resources(recipe.cluster))
+    ensure_model(recipe)
+    t = recipe.tracking
+    wandb = WandbSettings(project=t.wandb_project, mode=t.wandb_mode, entity=t.wandb_entity) if t.wandb else None
+    with MetricsLogger(out, wandb=wandb, tensorboard=t.tensorboard, run_name=recipe.name,
+                       config=recipe_to_dict(recipe)) as logger, ray_session(recipe.cluster, _worker_env()) as resources:
+        check_recipe_resources(recipe, resources)
+        model_path = recipe.model.path
+        for i, stage in enumerate(recipe.stages):
+            entry = summary["stages"][i]
+            if entry["status"] == "done":
+                log.info("stage %s: already done, skipped (--resume)", stage.name)
+                model_path = entry["checkpoint"] or model_path
+                continue
+            model_path = stage.model or model_path
+            entry.update(status="running", model=model_path, started=time.time())
+            _write_summary(out, summary)
+            result = _run_stage(recipe, stage, model_path, out, logger, resume)
+            entry.update(status="done", metrics=result.metrics, checkpoint=result.checkpoint,
+                         wall_time_s=round(time.time() - entry["started"], 2))
+            _write_summary(out, summary)
+            model_path = result.checkpoint or model_path
+    if t.report:
+        write_report(out)
+    return out
+
+
+def _run_stage(recipe, stage, model_path, out, logger, resume):
+    import ray
+
+    from posttrain.stage import StageContext
+
+    ctx = StageContext(recipe, stage, model_path, out / stage.name, logger, resume=resume)
+    loop = _loops()[stage.kind]
+    try:
+        return loop(ctx)
+    except ray.exceptions.RayActorError as exc:
+        raise PosttrainError(
+            f"stage {stage.name!r}: a worker process died ({_first_line(exc)}). Completed checkpoints under "
+            f"{ctx.stage_dir / 'checkpoints'} are intact; fix the cause and rerun with --resume."
+        ) from None
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
+        if isinstance(cause, PosttrainError):
+            raise cause from None
+        raise PosttrainError(
+            f"stage {stage.name!r}: a worker failed: {_first_line(cause or exc)}. Completed checkpoints under "
+            f"{ctx.stage_dir / 'checkpoints'} are intact; rerun with --resume once fixed."
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+
+
+def _loops():
+    from posttrain.loops.evaluate import run_eval
+    from posttrain.loops.supervised import run_sft
+
+    return {"sft": run_sft, "eval": run_eval}
+
+
+def _worker_env() -> dict[str, str]:
+    import torch
+
+    # Quiet workers: no per-load progress bars or load reports from every actor.
+    env = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"  # skips DeepSpeed's accelerator probing (and its warning)
+    for key in ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+# ------------------------------------------------------------- run directory
+def _open_run(out: Path, recipe: Recipe, resume: bool) -> dict[str, Any]:
+    """The run's summary: fresh, or the one on disk when resuming. Never overwrites a finished run."""
+    path = out / SUMMARY
+    names = [s.name for s in recipe.stages]
+    if path.exists() and not resume:
+        done = [s["name"] for s in json.loads(path.read_text())["stages"] if s["status"] == "done"]
+        raise PosttrainError(
+            f"{out} already holds a run (stages done: {', '.join(done) or 'none'}). Rerun with --resume to continue it, "
+            f"or choose another name (name=... on the command line) for a new run."
+        )
+    if resume:
+        if not path.exists():
+            raise PosttrainError(f"--resume: nothing to resume at {out} (no {SUMMARY}); run without --resume")
+        summary = json.loads(path.read_text())
+        if [s["name"] for s in summary["stages"]] != names:
+            raise PosttrainError(
+                f"--resume: the recipe's stages {names} differ from the run's {[s['name'] for s in summary['stages']]}; "
+                "resume with the recipe the run was started with"
+            )
+        summary["recipe"] = recipe_to_dict(recipe)
+    else:
+        summary = {"recipe": recipe_to_dict(recipe),
+                   "stages": [{"name": s.name, "kind": s.kind, "status": "pending", "metrics": {}, "checkpoint": None}
+                              for s in recipe.stages]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    _write_summary(out, summary)
+    return summary
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    tmp = out / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / SUMMARY)

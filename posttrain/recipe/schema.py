@@ -1,0 +1,293 @@
+"""The recipe schema: typed, closed dataclasses (unknown keys are errors).
+
+Each section belongs to the code that uses it; defaults are the values a user
+gets when a key is left out. `recipe.load` turns YAML into these types and
+reports every problem with file, line and field path. Cross-field rules live
+in each section's `problems()` method, which returns `(field, message)` pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from posttrain.data.tasks.arithmetic import ArithmeticConfig
+from posttrain.models.tiny import TinyConfig
+
+Problems = list[tuple[str, str]]  # (field name relative to the section, message)
+
+
+# --------------------------------------------------------------------- model
+@dataclass
+class LoraConfig:
+    """LoRA adapters via peft: only these parameters train and are saved."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.r < 1:
+            out.append(("r", "must be >= 1"))
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(("dropout", "must be in [0, 1)"))
+        if not self.target_modules:
+            out.append(("target_modules", "must name at least one module (e.g. q_proj)"))
+        return out
+
+
+@dataclass
+class ModelConfig:
+    """The starting policy: a local Hugging Face directory or a hub id."""
+
+    path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig | None = None
+    # When set, the tiny Llama of the embedded default is built at `path` if it is not there yet.
+    tiny: TinyConfig | None = None
+
+
+# ---------------------------------------------------------------------- data
+@dataclass
+class DatasetConfig:
+    """One named dataset: a built-in synthetic task, or rows loaded with `datasets`."""
+
+    task: Literal["arithmetic"] | None = None
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    path: str | None = None  # local jsonl/parquet file or directory, or a hub id
+    format: Literal["prompt_completion", "messages"] = "prompt_completion"
+    splits: dict[str, str] = field(default_factory=dict)  # split -> file, for local files
+    max_rows: int | None = None  # per split, after loading (handy for smoke runs)
+    verifier: Literal["arithmetic"] | None = None  # answer checker; a built-in task brings its own
+
+    def __post_init__(self) -> None:
+        if self.verifier is None and self.task is not None:
+            self.verifier = self.task
+
+    def problems(self) -> Problems:
+        if (self.task is None) == (self.path is None):
+            return [("task", "set exactly one of `task` (built-in) or `path` (files or hub id)")]
+        if self.max_rows is not None and self.max_rows < 1:
+            return [("max_rows", "must be >= 1")]
+        return []
+
+
+# ------------------------------------------------------------------- cluster
+@dataclass
+class LearnerConfig:
+    """Learner actors: one torch.distributed group training with DeepSpeed ZeRO."""
+
+    actors: int = 1
+    cpus: float = 1.0  # per actor
+    gpus: float = 0.0  # per actor
+    backend: Literal["deepspeed", "torch"] = "deepspeed"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.actors < 1:
+            out.append(("actors", "must be >= 1"))
+        if self.backend == "torch" and self.actors != 1:
+            out.append(("actors", "the plain-torch backend runs one actor; use backend: deepspeed for more"))
+        if self.cpus <= 0:
+            out.append(("cpus", "must be > 0"))
+        return out
+
+
+@dataclass
+class SamplerConfig:
+    """Sampler actors: Hugging Face generate (CPU/GPU) or vLLM (GPU)."""
+
+    actors: int = 1
+    cpus: float = 1.0
+    gpus: float = 0.0
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = 512  # prompts per generate call; large batches amortise per-token overhead
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.actors < 1:
+            out.append(("actors", "must be >= 1"))
+        if self.backend == "vllm" and self.gpus <= 0:
+            out.append(("gpus", "the vllm backend needs gpus > 0 per sampler actor"))
+        if self.batch_size < 1:
+            out.append(("batch_size", "must be >= 1"))
+        return out
+
+
+@dataclass
+class VerifierConfig:
+    actors: int = 1
+    cpus: float = 0.5
+
+
+@dataclass
+class ClusterConfig:
+    """Where the actors run: an embedded local Ray, or an existing cluster."""
+
+    address: str = "local"  # "local" starts Ray here; "auto" or "ray://host:10001" connects
+    num_cpus: int | None = None  # CPUs of the local Ray (default: all cores of this machine)
+    num_gpus: int = 0
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+
+
+# ------------------------------------------------------------------ tracking
+@dataclass
+class TrackingConfig:
+    output_dir: str = "runs"  # the run writes to <output_dir>/<name>/
+    wandb: bool = False
+    wandb_project: str = "posttrain"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_entity: str | None = None
+    tensorboard: bool = False
+    report: bool = True  # report.html at the end of the run
+
+
+# -------------------------------------------------------------------- stages
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine (or constant) decay."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.lr <= 0:
+            out.append(("lr", "must be > 0"))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append(("betas", "must be two numbers in [0, 1), e.g. [0.9, 0.95]"))
+        if self.warmup_steps < 0:
+            out.append(("warmup_steps", "must be >= 0"))
+        return out
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    max_new_tokens: int = 64
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.temperature < 0:
+            out.append(("temperature", "must be >= 0 (0 = greedy)"))
+        if not 0 < self.top_p <= 1:
+            out.append(("top_p", "must be in (0, 1]"))
+        if self.max_new_tokens < 1:
+            out.append(("max_new_tokens", "must be >= 1"))
+        return out
+
+
+@dataclass
+class SFTStage:
+    """Supervised fine-tuning: loss on completion tokens only."""
+
+    kind: Literal["sft"]
+    data: str  # a name under `data:`
+    name: str | None = None  # defaults to the kind; must be unique
+    model: str | None = None  # default: the previous stage's checkpoint, else `model.path`
+    train_split: str = "train"
+    eval_split: str | None = None  # held-out split for teacher-forced eval loss
+    steps: int = 300
+    batch_size: int = 32  # sequences per optimizer step, across all learner actors
+    micro_batch_size: int = 16  # sequences per forward pass on one actor
+    max_length: int = 256  # longer sequences are truncated (counted and logged)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_every: int = 100
+    eval_rows: int = 256  # held-out rows for the eval loss
+    save_every: int = 100  # checkpoint interval; the final step is always saved
+    keep_last: int = 2  # checkpoints kept on disk (older ones are deleted)
+    log_every: int = 10
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        for key in ("steps", "batch_size", "micro_batch_size", "max_length", "eval_every", "save_every", "log_every"):
+            if getattr(self, key) < 1:
+                out.append((key, "must be >= 1"))
+        return out
+
+
+@dataclass
+class EvalStage:
+    """Generation-based evaluation: greedy pass@1, unbiased pass@k and maj@k."""
+
+    kind: Literal["eval"]
+    data: str
+    name: str | None = None
+    model: str | None = None
+    split: str = "test"
+    max_problems: int | None = None
+    greedy: bool = True  # greedy pass@1
+    samples: int = 0  # samples per problem for pass@k / maj@k (0 skips sampling)
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_new_tokens: int = 64  # for greedy decoding
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if not self.greedy and self.samples == 0:
+            out.append(("samples", "nothing to evaluate: set greedy: true or samples >= 1"))
+        bad = [k for k in self.pass_k if k < 1 or (self.samples and k > self.samples)]
+        if self.samples and bad:
+            out.append(("pass_k", f"each k must be in [1, samples={self.samples}]; got {bad}"))
+        if self.max_problems is not None and self.max_problems < 1:
+            out.append(("max_problems", "must be >= 1"))
+        return out
+
+
+Stage = Union[SFTStage, EvalStage]
+STAGE_KINDS: dict[str, type] = {"sft": SFTStage, "eval": EvalStage}
+STAGE_DESCRIPTIONS: dict[str, str] = {
+    "sft": "supervised fine-tuning on prompt/completion pairs (loss on completion tokens)",
+    "eval": "sample with the policy and score: greedy pass@1, unbiased pass@k, maj@k",
+}
+
+
+# -------------------------------------------------------------------- recipe
+@dataclass
+class Recipe:
+    name: str
+    model: ModelConfig
+    data: dict[str, DatasetConfig]
+    stages: list[Stage]
+    seed: int = 0
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        # Default stage names: the kind, numbered from the second stage of the same kind on.
+        counts: dict[str, int] = {}
+        for stage in self.stages:
+            if stage.name is None:
+                counts[stage.kind] = counts.get(stage.kind, 0) + 1
+                stage.name = stage.kind if counts[stage.kind] == 1 else f"{stage.kind}{counts[stage.kind]}"
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            out.append(("name", "must be a plain directory name (no slashes or spaces)"))
+        if not self.stages:
+            out.append(("stages", "a recipe needs at least one stage"))
+        seen: set[str] = set()
+        for i, stage in enumerate(self.stages):
+            name = stage.name
+            if name in seen:
+                out.append((f"stages.{i}.name", f"duplicate stage name {name!r}; give each stage a unique `name`"))
+            seen.add(name)
+            if stage.data not in self.data:
+                known = ", ".join(sorted(self.data)) or "none"
+                out.append((f"stages.{i}.data", f"unknown dataset {stage.data!r} (defined under data: {known})"))
+        return out
+

@@ -1,0 +1,20 @@
+"""Verifiers: (completion, reference answer) -> verdict. Pure Python; they run inside VerifierWorkers.
+
+A verifier is a module exposing
+  extract(completion: str) -> str | None      the final answer, normalised (None: no answer)
+  equal(a: str, b: str) -> bool               answer equivalence, used for scoring and majority voting
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+VERIFIERS = {"arithmetic": "posttrain.verifiers.arithmetic"}
+VERIFIER_DESCRIPTIONS = {
+    "arithmetic": "integer final answer after the last '#' (the synthetic arithmetic task)",
+}
+
+
+def get_verifier(name: str) -> ModuleType:
+    return importlib.import_module(VERIFIERS[name])

@@ -1,0 +1,232 @@
+"""LearnerWorker: one rank of a torch.distributed group training with DeepSpeed ZeRO (or plain torch).
+
+The actor is thin: the driver decides what each rank sees (`data.batching.shard_step`) and when to
+checkpoint; the actor runs forward/backward/step and reads/writes its own shard of the state.
+
+Loss scaling. Every micro-batch loss is sum(NLL) * (world * gas / tokens_in_step). DeepSpeed
+divides by gas in `backward` and averages gradients over ranks, so the update is exactly the
+gradient of mean NLL over all target tokens in the global batch, for any world size or split.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.algorithms.sft import completion_nll
+from posttrain.data.batching import TokenBatch
+from posttrain.optim import lr_multiplier
+from posttrain.recipe.schema import LoraConfig, OptimConfig
+
+DS_TAG = "deepspeed"  # sub-directory of a checkpoint holding the (partitioned) optimizer state
+
+
+@dataclass
+class LearnerSpec:
+    model_path: str
+    dtype: str
+    lora: LoraConfig | None
+    optim: OptimConfig
+    total_steps: int
+    micro_batches_per_step: int  # gradient accumulation steps on each rank
+    micro_batch_size: int
+    backend: str = "deepspeed"
+    zero_stage: int = 2
+    seed: int = 0
+    threads: int = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int, spec: LearnerSpec):
+        self.rank, self.world_size, self.spec = rank, world_size, spec
+        torch.set_num_threads(max(1, spec.threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def address(self) -> tuple[str, int]:
+        """Rank 0's rendezvous address for the process group."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, int]:
+        """Join the process group, load the model and build the engine. Returns parameter counts."""
+        spec = self.spec
+        from posttrain.models.load import load_causal_lm, load_tokenizer
+
+        torch.manual_seed(spec.seed)  # LoRA init is random: same on every rank and on every resume
+        self.model = load_causal_lm(spec.model_path, spec.dtype, spec.lora, trainable=True)
+        self.tokenizer = load_tokenizer(spec.model_path)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=spec.optim.lr, betas=tuple(spec.optim.betas), eps=spec.optim.eps,
+                                weight_decay=spec.optim.weight_decay)
+        o = spec.optim
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_multiplier(s, spec.total_steps, o.warmup_steps, o.schedule, o.min_lr_ratio))
+        if spec.backend == "deepspeed":
+            self.engine = _deepspeed_engine(self, master_addr, master_port, opt, sched)
+        else:
+            self.engine = _TorchEngine(self.model.to(self.device), opt, sched, spec)
+        counts = {"params": sum(p.numel() for p in self.model.parameters()), "trainable": sum(p.numel() for p in params)}
+        if spec.backend == "deepspeed" and spec.zero_stage == 3:  # ZeRO-3 partitions: numel() is the local shard
+            counts = {k: sum(getattr(p, "ds_numel", p.numel()) for p in ps) for k, ps in
+                      (("params", list(self.model.parameters())), ("trainable", params))}
+        return counts
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, step: int, batches: list[TokenBatch], tokens_in_step: int) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches. Returns this rank's NLL sum and token count."""
+        assert len(batches) == self.spec.micro_batches_per_step, "every rank must run the same number of micro-batches"
+        torch.manual_seed(self.spec.seed * 1_000_003 + step * 4099 + self.rank)  # dropout: reproducible on resume
+        self.engine.train()
+        scale = self.world_size * len(batches) / max(1, tokens_in_step)
+        nll_sum, n_tok = 0.0, 0.0
+        for mb in batches:
+            out = self.engine(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device))
+            nll, n = completion_nll(out.logits, mb.input_ids.to(self.device), mb.loss_mask.to(self.device))
+            self.engine.backward(nll * scale)
+            self.engine.step()
+            nll_sum, n_tok = nll_sum + nll.item(), n_tok + n.item()
+        return {"nll_sum": nll_sum, "tokens": n_tok, "lr": self._lr(), "grad_norm": self._grad_norm()}
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[TokenBatch]) -> tuple[float, float]:
+        self.engine.eval()
+        nll_sum, n_tok = 0.0, 0.0
+        for mb in batches:
+            out = self.engine(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device))
+            nll, n = completion_nll(out.logits, mb.input_ids.to(self.device), mb.loss_mask.to(self.device))
+            nll_sum, n_tok = nll_sum + nll.item(), n_tok + n.item()
+        return nll_sum, n_tok
+
+    def _lr(self) -> float:
+        return float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else 0.0
+
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
+        return float(norm) if norm is not None else float("nan")
+
+    # --------------------------------------------------------------- checkpoints
+    def save(self, ckpt_dir: str) -> None:
+        """Write HF weights (rank 0; LoRA: the peft adapter only) and this rank's optimizer state."""
+        out = Path(ckpt_dir)
+        state = self._gathered_state_dict()
+        if self.rank == 0:
+            self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
+        self.engine.save_checkpoint(str(out), tag=DS_TAG)
+
+    def load(self, ckpt_dir: str) -> None:
+        """Restore weights, optimizer, scheduler and step counters from a checkpoint this group wrote."""
+        self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+
+    def _gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full (unpartitioned) parameters on rank 0, gathered one tensor at a time under ZeRO-3."""
+        zero3 = self.spec.backend == "deepspeed" and self.spec.zero_stage == 3
+        state: dict[str, torch.Tensor] = {}
+        for name, p in self.model.named_parameters():
+            ctx = _gathered(p) if zero3 else nullcontext()
+            with ctx:
+                if self.rank == 0:
+                    state[name] = p.detach().cpu().clone()
+        if self.rank != 0:
+            return None
+        persistent = self.model.state_dict().keys()  # non-persistent buffers (rotary tables) are rebuilt at load
+        for name, buf in self.model.named_buffers():
+            if name in persistent:
+                state.setdefault(name, buf.detach().cpu().clone())
+        return state
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def _gathered(p: torch.Tensor):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+
+
+def _deepspeed_engine(worker: LearnerWorker, master_addr: str, master_port: int, opt, sched):
+    spec = worker.spec
+    os.environ.update(RANK=str(worker.rank), WORLD_SIZE=str(worker.world_size), LOCAL_RANK="0",
+                      LOCAL_WORLD_SIZE="1", MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if worker.device.type == "cuda" else "gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.micro_batches_per_step,
+        "train_batch_size": spec.micro_batch_size * spec.micro_batches_per_step * worker.world_size,
+        "gradient_clipping": spec.optim.grad_clip,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no fused/CPU-Adam op to compile
+        "bf16": {"enabled": spec.dtype == "bfloat16"},
+        "fp16": {"enabled": spec.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=worker.model, optimizer=opt, lr_scheduler=sched, config=config)
+    return engine
+
+
+class _TorchEngine:
+    """Single-process stand-in for the DeepSpeed engine calls the worker makes (debugging backend)."""
+
+    def __init__(self, model, opt, sched, spec: LearnerSpec):
+        self.module, self.opt, self.sched, self.spec = model, opt, sched, spec
+        self.micro, self.grad_norm = 0, None
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def train(self):
+        self.module.train()
+
+    def eval(self):
+        self.module.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.spec.micro_batches_per_step).backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.spec.micro_batches_per_step:
+            return
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        clip = self.spec.optim.grad_clip
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).item()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.opt.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        return self.grad_norm
+
+    def save_checkpoint(self, path: str, tag: str) -> None:
+        d = Path(path) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "micro": self.micro,
+                    "model": {k: v for k, v in self.module.state_dict().items()}}, d / "state.pt")
+
+    def load_checkpoint(self, path: str, tag: str) -> None:
+        state = torch.load(Path(path) / tag / "state.pt", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.micro = state["micro"]

@@ -1,0 +1,95 @@
+"""SamplerWorker: generate completions with the current policy weights.
+
+Backends: `hf` (transformers `generate`, CPU or GPU) here; `vllm` (GPU) is imported only when asked
+for. Every rollout records the weights version it was sampled with, and its per-token
+log-probabilities under the *unmodified* model distribution (before temperature/top-k/top-p), the
+quantity learners recompute, so the two can be compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.recipe.schema import SamplingConfig
+
+
+@dataclass
+class Rollouts:
+    """Completions for a list of prompts, `n` per prompt, prompt-major (prompt i -> rows i*n .. i*n+n-1)."""
+
+    prompt_index: list[int]
+    completion_ids: list[list[int]]  # generated tokens, up to and including eos when finished
+    logprobs: list[list[float]]  # one per completion token
+    text: list[str]  # decoded completion without special tokens
+    finished: list[bool]  # stopped at eos (False: hit max_new_tokens)
+    version: int  # weights version used
+    n: int = 1
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def greedy(max_new_tokens: int) -> SamplingConfig:
+    return SamplingConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens)
+
+
+class SamplerWorker:
+    def __init__(self, model_path: str, dtype: str = "float32", threads: int = 1, version: int = 0):
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self.load_weights(model_path, version)
+
+    def load_weights(self, model_path: str, version: int) -> int:
+        """(Re)load policy weights from a checkpoint directory; returns the version now served."""
+        from posttrain.models.load import load_causal_lm, load_tokenizer
+
+        self.model = load_causal_lm(model_path, self.dtype, lora=None, trainable=False).to(self.device)
+        self.tokenizer = load_tokenizer(model_path, padding_side="left")
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int) -> Rollouts:
+        """Sample n completions for each tokenised prompt, in padded batches of `batch_size` sequences."""
+        rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+        out = Rollouts([], [], [], [], [], self.version, n)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            ids, lps, done = self._generate_batch([p for _, p in chunk], params)
+            out.prompt_index += [i for i, _ in chunk]
+            out.completion_ids += ids
+            out.logprobs += lps
+            out.finished += done
+        out.text = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingConfig):
+        tok = self.tokenizer
+        T = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), T), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at column T-1
+            input_ids[i, T - len(p) :] = torch.tensor(p)
+            attention[i, T - len(p) :] = 1
+        do_sample = params.temperature > 0
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None) if do_sample else {}
+        gen = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+            max_new_tokens=params.max_new_tokens, do_sample=do_sample, **sampling,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        new = gen.sequences[:, T:].cpu()  # (B, L)
+        logits = torch.stack(gen.logits, dim=1).float().cpu()  # (B, L, V): raw, before any warper
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (B, L)
+        ids_out, lps_out, done = [], [], []
+        for row, row_lp in zip(new.tolist(), lp.tolist()):
+            n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            ids_out.append(row[:n])
+            lps_out.append(row_lp[:n])
+            done.append(tok.eos_token_id in row)
+        return ids_out, lps_out, done
+
+    def ping(self) -> int:
+        return self.version

@@ -1,0 +1,34 @@
+"""VerifierWorker: scores completions against reference answers with a named verifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Verdict:
+    correct: bool
+    answer: str | None  # the extracted, normalised final answer
+    error: str | None = None  # a verifier failure (counted as incorrect, never fatal)
+
+
+class VerifierWorker:
+    def __init__(self, verifier: str):
+        from posttrain.verifiers import get_verifier
+
+        self.name = verifier
+        self.verifier = get_verifier(verifier)
+
+    def score(self, completions: list[str], references: list[str | None]) -> list[Verdict]:
+        return [self._one(c, r) for c, r in zip(completions, references)]
+
+    def _one(self, completion: str, reference: str | None) -> Verdict:
+        try:
+            answer = self.verifier.extract(completion)
+            ok = answer is not None and reference is not None and self.verifier.equal(answer, reference)
+            return Verdict(bool(ok), answer)
+        except Exception as exc:  # a verifier bug on one sample must not stop the run
+            return Verdict(False, None, f"{type(exc).__name__}: {exc}"[:300])
+
+    def equal(self, a: str, b: str) -> bool:
+        return self.verifier.equal(a, b)
