@@ -67,6 +67,7 @@ def ray_session(cfg: ClusterConfig, env: dict[str, str]) -> Iterator[dict[str, f
         ray.init(num_cpus=int(res["CPU"]), num_gpus=int(res["GPU"]), include_dashboard=False,
                  logging_level=logging.WARNING, runtime_env=runtime_env, configure_logging=True)
     else:
+        _probe(cfg.address)
         try:
             ray.init(address=cfg.address, runtime_env=runtime_env, logging_level=logging.WARNING)
         except Exception as exc:  # ConnectionError, or RuntimeError/ValueError on malformed addresses
@@ -78,6 +79,27 @@ def ray_session(cfg: ClusterConfig, env: dict[str, str]) -> Iterator[dict[str, f
         yield {k: float(v) for k, v in ray.cluster_resources().items()}
     finally:
         ray.shutdown()
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a cluster address (Ray itself retries for long)."""
+    import socket
+
+    if address == "auto":
+        return  # Ray reads the local cluster's address file and fails fast on its own
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except ValueError:
+        problem = "expected host:port, ray://host:port or auto"
+    except OSError as exc:
+        problem = f"nothing answered at {hostport} within {timeout_s:g} s ({exc.strerror or exc})"
+    raise PosttrainError(
+        f"cluster.address: cannot reach Ray at {address!r}: {problem}. Start a cluster there (`ray start --head`) "
+        "or use cluster.address=local for an embedded one."
+    )
 
 
 @dataclass

@@ -121,33 +121,46 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
 
     recipe = absolute_paths(recipe)
     out = run_dir(recipe)
-    summary = _open_run(out, recipe, resume)
+    # Every check that can fail runs before anything is written under runs/.
+    summary = _summary_to_continue(out, recipe, resume)
     if recipe.cluster.address == "local":
         check_recipe_resources(recipe, local_resources(recipe.cluster))
     ensure_model(recipe)
     t = recipe.tracking
     wandb = WandbSettings(project=t.wandb_project, mode=t.wandb_mode, entity=t.wandb_entity) if t.wandb else None
-    with MetricsLogger(out, wandb=wandb, tensorboard=t.tensorboard, run_name=recipe.name,
-                       config=recipe_to_dict(recipe)) as logger, ray_session(recipe.cluster, _worker_env()) as resources:
+    with ray_session(recipe.cluster, _worker_env()) as resources:
         check_recipe_resources(recipe, resources)
-        model_path = recipe.model.path
-        for i, stage in enumerate(recipe.stages):
-            entry = summary["stages"][i]
-            if entry["status"] == "done":
-                log.info("stage %s: already done, skipped (--resume)", stage.name)
-                model_path = entry["checkpoint"] or model_path
-                continue
-            model_path = stage.model or model_path
-            entry.update(status="running", model=model_path, started=time.time())
-            _write_summary(out, summary)
-            result = _run_stage(recipe, stage, model_path, out, logger, resume)
-            entry.update(status="done", metrics=result.metrics, checkpoint=result.checkpoint,
-                         wall_time_s=round(time.time() - entry["started"], 2))
-            _write_summary(out, summary)
-            model_path = result.checkpoint or model_path
+        _start_run_dir(out, recipe, summary)
+        with MetricsLogger(out, wandb=wandb, tensorboard=t.tensorboard, run_name=recipe.name,
+                           config=recipe_to_dict(recipe)) as logger:
+            _run_stages(recipe, summary, out, logger, resume)
     if t.report:
         write_report(out)
     return out
+
+
+def _run_stages(recipe: Recipe, summary: dict[str, Any], out: Path, logger, resume: bool) -> None:
+    """Stages in order; the model each one starts from is the last checkpoint produced before it."""
+    model_path = recipe.model.path
+    for i, stage in enumerate(recipe.stages):
+        entry = summary["stages"][i]
+        if entry["status"] == "done":
+            log.info("stage %s: already done, skipped (--resume)", stage.name)
+            model_path = entry["checkpoint"] or model_path
+            continue
+        model_path = stage.model or model_path
+        entry.update(status="running", model=model_path, started=time.time())
+        _write_summary(out, summary)
+        try:
+            result = _run_stage(recipe, stage, model_path, out, logger, resume)
+        except BaseException as exc:  # recorded so `summary.json` says where and why the run stopped
+            entry.update(status="failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+            _write_summary(out, summary)
+            raise
+        entry.update(status="done", metrics=result.metrics, checkpoint=result.checkpoint,
+                     wall_time_s=round(time.time() - entry["started"], 2))
+        _write_summary(out, summary)
+        model_path = result.checkpoint or model_path
 
 
 def _run_stage(recipe, stage, model_path, out, logger, resume):
@@ -201,34 +214,39 @@ def _worker_env() -> dict[str, str]:
 
 
 # ------------------------------------------------------------- run directory
-def _open_run(out: Path, recipe: Recipe, resume: bool) -> dict[str, Any]:
-    """The run's summary: fresh, or the one on disk when resuming. Never overwrites a finished run."""
+def _summary_to_continue(out: Path, recipe: Recipe, resume: bool) -> dict[str, Any]:
+    """The run's state: fresh, or the one on disk when resuming. Read-only: refuses to touch a run that trained."""
     path = out / SUMMARY
     names = [s.name for s in recipe.stages]
-    if path.exists() and not resume:
-        done = [s["name"] for s in json.loads(path.read_text())["stages"] if s["status"] == "done"]
+    fresh = {"recipe": recipe_to_dict(recipe),
+             "stages": [{"name": s.name, "kind": s.kind, "status": "pending", "metrics": {}, "checkpoint": None}
+                        for s in recipe.stages]}
+    if not resume:
+        if path.exists():
+            stages = json.loads(path.read_text())["stages"]
+            if any(s["status"] != "pending" for s in stages):  # something ran: its outputs must not be overwritten
+                done = [s["name"] for s in stages if s["status"] == "done"]
+                raise PosttrainError(
+                    f"{out} already holds a run (stages done: {', '.join(done) or 'none'}). Rerun with --resume to "
+                    "continue it, or choose another name (name=... on the command line) for a new run."
+                )
+        return fresh
+    if not path.exists():
+        raise PosttrainError(f"--resume: nothing to resume at {out} (no {SUMMARY}); run without --resume")
+    summary = json.loads(path.read_text())
+    if [s["name"] for s in summary["stages"]] != names:
         raise PosttrainError(
-            f"{out} already holds a run (stages done: {', '.join(done) or 'none'}). Rerun with --resume to continue it, "
-            f"or choose another name (name=... on the command line) for a new run."
+            f"--resume: the recipe's stages {names} differ from the run's {[s['name'] for s in summary['stages']]}; "
+            "resume with the recipe the run was started with"
         )
-    if resume:
-        if not path.exists():
-            raise PosttrainError(f"--resume: nothing to resume at {out} (no {SUMMARY}); run without --resume")
-        summary = json.loads(path.read_text())
-        if [s["name"] for s in summary["stages"]] != names:
-            raise PosttrainError(
-                f"--resume: the recipe's stages {names} differ from the run's {[s['name'] for s in summary['stages']]}; "
-                "resume with the recipe the run was started with"
-            )
-        summary["recipe"] = recipe_to_dict(recipe)
-    else:
-        summary = {"recipe": recipe_to_dict(recipe),
-                   "stages": [{"name": s.name, "kind": s.kind, "status": "pending", "metrics": {}, "checkpoint": None}
-                              for s in recipe.stages]}
+    summary["recipe"] = fresh["recipe"]
+    return summary
+
+
+def _start_run_dir(out: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
     _write_summary(out, summary)
-    return summary
 
 
 def _write_summary(out: Path, summary: dict[str, Any]) -> None:

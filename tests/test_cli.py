@@ -1,0 +1,106 @@
+"""The command line on good and bad input: one clear message, exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_helpers import REPO, posttrain, small_recipe, write
+
+
+def _fails_cleanly(res, *phrases):
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    for p in phrases:
+        assert p in res.stderr, f"{p!r} not in:\n{res.stderr}"
+
+
+def test_validate_show_and_overrides(tmp_path, tiny_model):
+    path = write(tmp_path, small_recipe(tmp_path, tiny_model))
+    res = posttrain("validate", str(path))
+    assert res.returncode == 0 and "ok (2 stage(s): sft, eval)" in res.stdout
+    res = posttrain("show", str(path), "seed=5", "stages.sft.optim.lr=0.01", "model.lora.r=4")
+    assert res.returncode == 0, res.stderr
+    assert "seed: 5" in res.stdout and "lr: 0.01" in res.stdout and "r: 4" in res.stdout
+    assert "target_modules:" in res.stdout  # defaults of the section an override created
+
+
+def test_misspelled_key_names_file_line_and_suggestion(tmp_path, tiny_model):
+    text = write(tmp_path, small_recipe(tmp_path, tiny_model)).read_text().replace("warmup_steps", "warmup_stpes")
+    (tmp_path / "bad.yaml").write_text(text)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if "warmup_stpes" in l)
+    res = posttrain("run", str(tmp_path / "bad.yaml"))
+    _fails_cleanly(res, f"bad.yaml:{line}", "stages.0.optim.warmup_stpes", "did you mean 'warmup_steps'")
+
+
+def test_bad_override_type(tmp_path, tiny_model):
+    res = posttrain("validate", str(write(tmp_path, small_recipe(tmp_path, tiny_model))), "stages.0.steps=many")
+    _fails_cleanly(res, "override 'stages.0.steps=many'", "expected an integer")
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model):
+    res = posttrain("run", str(write(tmp_path, small_recipe(tmp_path, tiny_model))), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for phrase in ("stage 1 'sft' [sft]", "arith:sft (64 rows)", "20 steps x 8 sequences", "deepspeed ZeRO-2",
+                   "2 learner actor(s) x 1 CPU", "stage 2 'eval' [eval]", "arith:test (40 rows)",
+                   "1 sampler actor(s) x 1 CPU", "1 verifier actor(s) x 0.5 CPU", "summary.json"):
+        assert phrase in out, f"{phrase!r} not in plan:\n{out}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_model_path(tmp_path, tiny_model):
+    res = posttrain("run", str(write(tmp_path, small_recipe(tmp_path, tiny_model))), f"model.path={tmp_path}/nope")
+    _fails_cleanly(res, "model.path: no such model directory", "nope")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreachable_hub_id(tmp_path, tiny_model):
+    res = posttrain("run", str(write(tmp_path, small_recipe(tmp_path, tiny_model))), "model.path=some-org/some-model")
+    _fails_cleanly(res, "'some-org/some-model' is not a local directory and could not be fetched", "hf download")
+
+
+def test_missing_data_path(tmp_path, tiny_model):
+    recipe = small_recipe(tmp_path, tiny_model, data={"arith": {"path": str(tmp_path / "absent.jsonl")}})
+    res = posttrain("run", str(write(tmp_path, recipe)), "--dry-run")
+    _fails_cleanly(res, "data.arith.path", "no such file")
+
+
+def test_more_actors_than_cpus(tmp_path, tiny_model):
+    res = posttrain("run", str(write(tmp_path, small_recipe(tmp_path, tiny_model))), "cluster.learner.actors=3")
+    _fails_cleanly(res, "stage 'sft' needs 3 CPUs", "3 learner actor(s) x 1 CPU", "the Ray cluster has 2",
+                   "cluster.<role>.actors")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreachable_ray_address(tmp_path, tiny_model):
+    res = posttrain("run", str(write(tmp_path, small_recipe(tmp_path, tiny_model))), "cluster.address=127.0.0.1:9")
+    _fails_cleanly(res, "cannot reach Ray at '127.0.0.1:9'", "ray start --head")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tiny_model):
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    summary = {"recipe": {}, "stages": [{"name": "sft", "kind": "sft", "status": "done", "metrics": {}, "checkpoint": None}]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    before = (run / "summary.json").read_bytes()
+    res = posttrain("run", str(write(tmp_path, small_recipe(tmp_path, tiny_model))))
+    _fails_cleanly(res, "already holds a run (stages done: sft)", "--resume")
+    assert (run / "summary.json").read_bytes() == before
+
+
+def test_list_names_stages_algorithms_verifiers_and_recipes():
+    res = posttrain("list")
+    assert res.returncode == 0
+    lines = res.stdout.splitlines()
+    for kind, name in (("stage", "sft"), ("stage", "eval"), ("algorithm", "sft"), ("verifier", "arithmetic"),
+                       ("recipe", "recipes/quickstart.yaml"), ("recipe", "recipes/quickstart_lora.yaml")):
+        assert any(l.split()[:2] == [kind, name] and len(l.split()) > 2 for l in lines), f"{kind} {name} missing:\n{res.stdout}"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_bundled_recipes_validate(recipe):
+    res = posttrain("validate", f"recipes/{recipe}")
+    assert res.returncode == 0, res.stderr
