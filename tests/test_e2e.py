@@ -86,3 +86,30 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model):
     s2 = json.loads((tmp_path / "runs" / "killed" / "summary.json").read_text())["stages"]
     assert s2[0]["metrics"]["train_loss"] == pytest.approx(s1[0]["metrics"]["train_loss"], abs=1e-6)
     assert s2[1]["metrics"]["pass@1"] == s1[1]["metrics"]["pass@1"]
+
+
+def test_lora_run_saves_a_peft_adapter_and_export_merges_it(tmp_path, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = small_recipe(tmp_path, tiny_model)
+    recipe["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_proj"]}
+    recipe["stages"][1].update(samples=0, max_problems=8)
+    res = posttrain("run", str(write(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "t" / "sft" / "checkpoints" / "step-000020"
+    assert (ckpt / "adapter_config.json").exists() and (ckpt / "adapter_model.safetensors").exists()
+    assert not (ckpt / "model.safetensors").exists()
+    summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
+    assert summary["stages"][0]["metrics"]["trainable_params"] < 0.1 * sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+
+    res = posttrain("export", str(ckpt), str(tmp_path / "merged"))
+    assert res.returncode == 0, res.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), ckpt)
+    ids = torch.tensor([[5, 17, 30, 22, 9, 41]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-5, rtol=1e-5)
+    res = posttrain("export", str(ckpt), str(tmp_path / "merged"))
+    assert res.returncode == 2 and "already exists" in res.stderr

@@ -67,11 +67,12 @@ class DatasetConfig:
             self.verifier = self.task
 
     def problems(self) -> Problems:
+        out: Problems = []
         if (self.task is None) == (self.path is None):
-            return [("task", "set exactly one of `task` (built-in) or `path` (files or hub id)")]
+            out.append(("task", "set exactly one of `task` (built-in) or `path` (files or hub id)"))
         if self.max_rows is not None and self.max_rows < 1:
-            return [("max_rows", "must be >= 1")]
-        return []
+            out.append(("max_rows", "must be >= 1"))
+        return out
 
 
 # ------------------------------------------------------------------- cluster
@@ -169,6 +170,12 @@ class OptimConfig:
             out.append(("betas", "must be two numbers in [0, 1), e.g. [0.9, 0.95]"))
         if self.warmup_steps < 0:
             out.append(("warmup_steps", "must be >= 0"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(("min_lr_ratio", "must be in [0, 1]"))
+        if self.weight_decay < 0:
+            out.append(("weight_decay", "must be >= 0"))
+        if self.grad_clip < 0:
+            out.append(("grad_clip", "must be >= 0 (0 disables clipping)"))
         return out
 
 
@@ -187,6 +194,8 @@ class SamplingConfig:
             out.append(("top_p", "must be in (0, 1]"))
         if self.max_new_tokens < 1:
             out.append(("max_new_tokens", "must be >= 1"))
+        if self.top_k < 0:
+            out.append(("top_k", "must be >= 0 (0 disables top-k)"))
         return out
 
 
@@ -213,7 +222,8 @@ class SFTStage:
 
     def problems(self) -> Problems:
         out: Problems = []
-        for key in ("steps", "batch_size", "micro_batch_size", "max_length", "eval_every", "save_every", "log_every"):
+        for key in ("steps", "batch_size", "micro_batch_size", "max_length", "eval_every", "save_every", "log_every",
+                    "keep_last", "eval_rows"):
             if getattr(self, key) < 1:
                 out.append((key, "must be >= 1"))
         return out
@@ -240,7 +250,9 @@ class EvalStage:
         if not self.greedy and self.samples == 0:
             out.append(("samples", "nothing to evaluate: set greedy: true or samples >= 1"))
         bad = [k for k in self.pass_k if k < 1 or (self.samples and k > self.samples)]
-        if self.samples and bad:
+        if self.samples < 0:
+            out.append(("samples", "must be >= 0"))
+        if bad:
             out.append(("pass_k", f"each k must be in [1, samples={self.samples}]; got {bad}"))
         if self.max_problems is not None and self.max_problems < 1:
             out.append(("max_problems", "must be >= 1"))
@@ -286,6 +298,12 @@ class Recipe:
             if name in seen:
                 out.append((f"stages.{i}.name", f"duplicate stage name {name!r}; give each stage a unique `name`"))
             seen.add(name)
+            if isinstance(stage, SFTStage):
+                per_step = self.cluster.learner.actors * stage.micro_batch_size
+                if stage.batch_size % per_step:
+                    out.append((f"stages.{i}.batch_size",
+                                f"{stage.batch_size} must be a multiple of cluster.learner.actors ({self.cluster.learner.actors})"
+                                f" x micro_batch_size ({stage.micro_batch_size}) = {per_step}"))
             if stage.data not in self.data:
                 known = ", ".join(sorted(self.data)) or "none"
                 out.append((f"stages.{i}.data", f"unknown dataset {stage.data!r} (defined under data: {known})"))
