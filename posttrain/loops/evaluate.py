@@ -16,7 +16,7 @@ from posttrain.recipe.schema import EvalStage, SamplingConfig
 from posttrain.scoring import maj_at_k, mean_pass_at_k
 from posttrain.stage import StageContext, StageResult
 from posttrain.tracking import progress
-from posttrain.workers.sampler import Rollouts, SamplerWorker, greedy
+from posttrain.workers.sampler import SAMPLER_BACKENDS, Rollouts, greedy
 from posttrain.workers.verifier import Verdict, VerifierWorker
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def run_eval(ctx: StageContext) -> StageResult:
     answers = list(rows["answer"])
 
     scfg, vcfg = cluster.sampler, cluster.verifier
-    samplers = spawn(SamplerWorker, Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
+    samplers = spawn(SAMPLER_BACKENDS[scfg.backend], Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
                      [(ctx.model_path, ctx.recipe.model.dtype, max(1, int(scfg.cpus)))] * scfg.actors)
     verifiers = spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0),
                       [(data_cfg.verifier,)] * vcfg.actors)

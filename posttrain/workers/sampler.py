@@ -9,6 +9,7 @@ quantity learners recompute, so the two can be compared.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -93,3 +94,66 @@ class SamplerWorker:
 
     def ping(self) -> int:
         return self.version
+
+
+class VLLMSamplerWorker:
+    """The same interface on vLLM (GPU). Needs the `posttrain[vllm]` extra.
+
+    vLLM's default `logprobs_mode` is raw log-probabilities (before temperature and top-k/p), the
+    same quantity the HF backend returns. A LoRA adapter checkpoint is merged into its base first.
+    """
+
+    def __init__(self, model_path: str, dtype: str = "bfloat16", threads: int = 1, version: int = 0,
+                 gpu_memory_utilization: float = 0.85):
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            from posttrain.errors import PosttrainError
+
+            raise PosttrainError("cluster.sampler.backend is vllm but vLLM is not installed: pip install 'posttrain[vllm]' "
+                                 "on the GPU nodes, or use backend: hf") from None
+        self.dtype, self.gpu_memory_utilization = dtype, gpu_memory_utilization
+        self.llm = None
+        self.load_weights(model_path, version)
+
+    def load_weights(self, model_path: str, version: int) -> int:
+        from vllm import LLM
+
+        from posttrain.models.load import is_adapter_dir, merge_adapter
+
+        if is_adapter_dir(model_path):
+            merged = f"{model_path.rstrip('/')}-merged"
+            if not (Path(merged) / "config.json").exists():
+                merge_adapter(model_path, merged, self.dtype)
+            model_path = merged
+        self.llm = None  # free the old engine's memory before the new one allocates its KV cache
+        self.llm = LLM(model=model_path, dtype=self.dtype, gpu_memory_utilization=self.gpu_memory_utilization)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.version = version
+        return version
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int) -> Rollouts:
+        from vllm import SamplingParams
+
+        # vLLM schedules its own batches; batch_size only matters for the HF backend.
+        sp = SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
+                            max_tokens=params.max_new_tokens, logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        out = Rollouts([], [], [], [], [], self.version, n)
+        eos = self.tokenizer.eos_token_id
+        for i, request in enumerate(outputs):
+            for seq in request.outputs:
+                ids = list(seq.token_ids)
+                out.prompt_index.append(i)
+                out.completion_ids.append(ids)
+                # logprobs=0 returns the sampled token's own log-probability at each step.
+                out.logprobs.append([step[tok].logprob for tok, step in zip(ids, seq.logprobs)])
+                out.text.append(seq.text)
+                out.finished.append(bool(ids) and ids[-1] == eos)
+        return out
+
+    def ping(self) -> int:
+        return self.version
+
+
+SAMPLER_BACKENDS = {"hf": SamplerWorker, "vllm": VLLMSamplerWorker}
