@@ -91,10 +91,17 @@ def test_wandb_init_failure_does_not_stop_training(
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 1
 
 
-def test_tensorboard_missing_or_present_never_fails(tmp_path: Path) -> None:
+def test_tensorboard_writes_event_files(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     with MetricsLogger(tmp_path, tensorboard=True) as logger:
         logger.log("sft", 0, {"loss": 1.0})
-    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 1
+        logger.log("sft", 5, {"loss": 0.5})
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tag = next(t for t in events.Tags()["scalars"] if t.endswith("loss"))
+    assert [(e.step, e.value) for e in events.Scalars(tag)] == [(0, 1.0), (5, 0.5)]
 
 
 def test_progress_disabled_off_tty(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,9 +13,10 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch/transformers load only when a model is built: recipes import TinyConfig cheaply
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0..3, in this order
@@ -36,6 +37,9 @@ _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeni
 
 def build_char_tokenizer(model_max_length: int = 256) -> PreTrainedTokenizerFast:
     """One token per character of CHARSET; plain ``encode`` adds no bos/eos."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARSET)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Every character (newline and space included) becomes its own pre-token.
@@ -72,6 +76,8 @@ class TinyConfig:
 
 def llama_config(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     """LlamaConfig matching ``cfg``, with vocabulary and special ids taken from ``tokenizer``."""
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -104,6 +110,9 @@ def is_complete_build(path: Path, cfg: TinyConfig) -> bool:
 
 
 def _write_build(path: Path, cfg: TinyConfig) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
     tokenizer = build_char_tokenizer(model_max_length=cfg.max_position_embeddings)
     config = llama_config(cfg, tokenizer)
     with torch.random.fork_rng(devices=[]):  # deterministic init without disturbing the caller's RNG

@@ -15,8 +15,10 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:  # `datasets` loads only when splits are built: recipes import ArithmeticConfig cheaply
+    import datasets
 
 ALLOWED_OPS = "+-*"
 SPLITS = ("test", "sft", "pool")  # draw order: test first so it depends only on n_test
@@ -133,12 +135,16 @@ def build_splits(cfg: ArithmeticConfig | None = None) -> datasets.DatasetDict:
                 continue
             seen.add(prompt)
             rows[split].append(_record(split, len(rows[split]), prompt, operands, ops))
+    import datasets
+
     features = datasets.Features({k: datasets.Value("string") for k in ("id", "prompt", "completion", "answer")})
     return datasets.DatasetDict({split: _to_dataset(rows[split], features) for split in ("sft", "pool", "test")})
 
 
 def _to_dataset(rows: list[dict[str, str]], features: datasets.Features) -> datasets.Dataset:
     # Column-wise: from_list cannot build an empty split with an explicit schema.
+    import datasets
+
     return datasets.Dataset.from_dict({col: [r[col] for r in rows] for col in features}, features=features)
 
 
