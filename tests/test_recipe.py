@@ -251,3 +251,17 @@ def test_loading_recipes_needs_no_heavy_imports() -> None:
     code = f"import sys, posttrain.recipe.load; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_eval_on_data_without_a_verifier_is_reported(tmp_path) -> None:
+    text = """name: demo
+model: {path: /tmp/m}
+data:
+  files: {path: /tmp/d.jsonl}
+stages:
+  - {kind: eval, data: files}
+"""
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tmp_path / "r.yaml")
+    assert any(i.field == "stages.0.data" and "verifier" in i.message and i.line == 6 for i in err.value.issues), str(err.value)

@@ -304,6 +304,8 @@ class Recipe:
                     out.append((f"stages.{i}.batch_size",
                                 f"{stage.batch_size} must be a multiple of cluster.learner.actors ({self.cluster.learner.actors})"
                                 f" x micro_batch_size ({stage.micro_batch_size}) = {per_step}"))
+            if isinstance(stage, EvalStage) and stage.data in self.data and self.data[stage.data].verifier is None:
+                out.append((f"stages.{i}.data", f"eval needs answers checked: set data.{stage.data}.verifier"))
             if stage.data not in self.data:
                 known = ", ".join(sorted(self.data)) or "none"
                 out.append((f"stages.{i}.data", f"unknown dataset {stage.data!r} (defined under data: {known})"))
