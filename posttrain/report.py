@@ -104,6 +104,23 @@ def _plot_png(title: str, series: Mapping[str, list[tuple[float, float]]]) -> by
     return buffer.getvalue()
 
 
+def _bar_png(title: str, values: Mapping[str, float]) -> bytes:
+    """One bar per metric: for stages that log each metric once (e.g. eval), where lines would be dots."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 0.5 + 0.45 * len(values)), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    names = list(values)[::-1]  # first metric on top
+    bars = ax.barh(names, [values[n] for n in names], color="#4c72b0")
+    ax.bar_label(bars, fmt="%.4g", padding=3, fontsize="small")
+    ax.set_title(title)
+    ax.margins(x=0.15)
+    ax.grid(alpha=0.3, axis="x")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def _img_tag(title: str, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
@@ -138,11 +155,20 @@ def _stage_rows(stages: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _stage_section(name: str, series: Mapping[str, list[tuple[float, float]]]) -> str:
-    images = [
-        _img_tag(f"{name}: {family}", _plot_png(family, members))
-        for family, members in _group_families(series).items()
-    ]
-    body = f'<div class="plots">{"".join(images)}</div>' if images else '<p class="muted">No metrics logged.</p>'
+    images = []
+    for family, members in _group_families(series).items():
+        if all(len(points) == 1 for points in members.values()):
+            # Logged once: a bar chart when several metrics compare (pass@k, maj@k); a lone number stays in the table.
+            if len(members) > 1:
+                images.append(_img_tag(f"{name}: {family}", _bar_png(family, {k: v[0][1] for k, v in members.items()})))
+        else:
+            images.append(_img_tag(f"{name}: {family}", _plot_png(family, members)))
+    if images:
+        body = f'<div class="plots">{"".join(images)}</div>'
+    elif series:
+        body = '<p class="muted">Each metric was logged once: the values are in the table above.</p>'
+    else:
+        body = '<p class="muted">No metrics logged.</p>'
     return f"<h2>{html.escape(name)}</h2>{body}"
 
 

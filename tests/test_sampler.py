@@ -46,3 +46,13 @@ def test_completions_stop_at_eos_or_the_token_limit(sampler):
         assert (ids[-1] == tok.eos_token_id) == done
         assert done or len(ids) == 5
         assert tok.eos_token_id not in ids[:-1]
+
+
+def test_sampling_is_reproducible_by_seed(sampler):
+    tok = sampler.tokenizer
+    prompts = _prompts(tok, ["1+2-3=", "4+4="])
+    params = SamplingConfig(temperature=1.0, max_new_tokens=10)
+    a = sampler.generate(prompts, 3, params, batch_size=6, seed=11)
+    b = sampler.generate(prompts, 3, params, batch_size=6, seed=11)
+    c = sampler.generate(prompts, 3, params, batch_size=6, seed=12)
+    assert a.completion_ids == b.completion_ids and a.completion_ids != c.completion_ids

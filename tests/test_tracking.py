@@ -140,6 +140,7 @@ def _write_run(run_dir: Path) -> None:
             logger.log("sft", step, {"train_loss": 2.0 - 0.3 * step})
         logger.log("sft", 4, {"eval_loss": 1.1, "pass@1": 0.41, "pass@8": 0.77})
         logger.log("rest<em>", 0, {"reward_mean": 0.2, "kl": math.nan})
+        logger.log("rest<em>", 1, {"reward_mean": 0.3})
     summary = {
         "recipe": {"name": "tiny-run", "stages": [{"name": "sft", "lr": 1e-5}]},
         "stages": [
@@ -189,4 +190,11 @@ def test_report_without_summary_or_metrics(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path) as logger:
         logger.log("grpo", 1, {"reward_mean": 0.5})
     page = write_report(tmp_path).read_text()  # stage known only from metrics.jsonl
-    assert _section(page, "grpo").count(PNG_URI) == 1
+    assert PNG_URI not in _section(page, "grpo")  # a lone value logged once: no plot, it is in the table
+    assert "logged once" in _section(page, "grpo")
+    with MetricsLogger(tmp_path) as logger:
+        logger.log("grpo", 2, {"reward_mean": 0.7})
+        logger.log("eval", 0, {"pass@1": 0.3, "pass@4": 0.5, "problems": 100})
+    page = write_report(tmp_path).read_text()
+    assert _section(page, "grpo").count(PNG_URI) == 1  # now a series: a line plot
+    assert _section(page, "eval").count(PNG_URI) == 1  # pass@1 and pass@4 side by side as bars

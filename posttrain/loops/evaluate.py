@@ -45,7 +45,8 @@ def run_eval(ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {"problems": float(len(prompts))}
     with samplers as s_actors, verifiers as v_actors:
         if stage.greedy:
-            roll = _sample(s_actors, prompts, 1, greedy(stage.max_new_tokens), scfg.batch_size, f"{stage.name} greedy")
+            roll = _sample(s_actors, prompts, 1, greedy(stage.max_new_tokens), scfg.batch_size, f"{stage.name} greedy",
+                           ctx.recipe.seed)
             verdicts = _verify(v_actors, roll, answers)
             metrics["pass@1"] = sum(v.correct for v in verdicts) / len(verdicts)
             metrics["mean_completion_tokens"] = sum(map(len, roll.completion_ids)) / len(roll.completion_ids)
@@ -53,7 +54,8 @@ def run_eval(ctx: StageContext) -> StageResult:
             _write_samples(ctx, "greedy", rows, roll, verdicts)
         if stage.samples:
             n = stage.samples
-            roll = _sample(s_actors, prompts, n, stage.sampling, scfg.batch_size, f"{stage.name} sample x{n}")
+            roll = _sample(s_actors, prompts, n, stage.sampling, scfg.batch_size, f"{stage.name} sample x{n}",
+                           ctx.recipe.seed)
             verdicts = _verify(v_actors, roll, answers)
             correct = [[v.correct for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
             voted = [[v.answer for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
@@ -68,11 +70,16 @@ def run_eval(ctx: StageContext) -> StageResult:
     return StageResult(metrics, None)
 
 
-def _sample(samplers: list, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int, desc: str) -> Rollouts:
-    """Fan batches of prompts out to the samplers round-robin and stitch the rollouts back in order."""
+def _sample(samplers: list, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int, desc: str,
+            seed: int) -> Rollouts:
+    """Fan batches of prompts out to the samplers round-robin and stitch the rollouts back in order.
+
+    Chunk j is sampled with seed (seed, j): the same recipe gives the same samples for any actor count.
+    """
     per_call = max(1, batch_size // n)  # prompts per generate call, so each call holds ~batch_size sequences
     chunks = [list(range(i, min(i + per_call, len(prompts)))) for i in range(0, len(prompts), per_call)]
-    pending = {samplers[j % len(samplers)].generate.remote([prompts[i] for i in c], n, params, batch_size): j
+    pending = {samplers[j % len(samplers)].generate.remote([prompts[i] for i in c], n, params, batch_size,
+                                                           seed * 1_000_003 + j): j
                for j, c in enumerate(chunks)}
     results: dict[int, Rollouts] = {}
     bar = progress(total=len(prompts) * n, desc=desc, unit="seq")

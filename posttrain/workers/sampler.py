@@ -51,8 +51,13 @@ class SamplerWorker:
         return version
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int) -> Rollouts:
-        """Sample n completions for each tokenised prompt, in padded batches of `batch_size` sequences."""
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int,
+                 seed: int = 0) -> Rollouts:
+        """Sample n completions for each tokenised prompt, in padded batches of `batch_size` sequences.
+
+        Seeded per call, so a result depends on (prompts, params, seed), not on which actor served it.
+        """
+        torch.manual_seed(seed)
         rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         out = Rollouts([], [], [], [], [], self.version, n)
         for start in range(0, len(rows), batch_size):
@@ -132,12 +137,13 @@ class VLLMSamplerWorker:
         self.version = version
         return version
 
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int) -> Rollouts:
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int,
+                 seed: int = 0) -> Rollouts:
         from vllm import SamplingParams
 
         # vLLM schedules its own batches; batch_size only matters for the HF backend.
         sp = SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
-                            max_tokens=params.max_new_tokens, logprobs=0)
+                            max_tokens=params.max_new_tokens, logprobs=0, seed=seed)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         out = Rollouts([], [], [], [], [], self.version, n)
         eos = self.tokenizer.eos_token_id
