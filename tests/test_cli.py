@@ -62,14 +62,14 @@ def test_unreachable_hub_id(tmp_path, tiny_model):
 
 
 def test_missing_data_path(tmp_path, tiny_model):
-    recipe = small_recipe(tmp_path, tiny_model, data={"arith": {"path": str(tmp_path / "absent.jsonl")}})
+    recipe = small_recipe(tmp_path, tiny_model, data={"arith": {"path": str(tmp_path / "absent.jsonl"), "verifier": "arithmetic"}})
     res = posttrain("run", str(write(tmp_path, recipe)), "--dry-run")
     _fails_cleanly(res, "data.arith.path", "no such file")
 
 
 def test_more_actors_than_cpus(tmp_path, tiny_model):
-    res = posttrain("run", str(write(tmp_path, small_recipe(tmp_path, tiny_model))), "cluster.learner.actors=3")
-    _fails_cleanly(res, "stage 'sft' needs 3 CPUs", "3 learner actor(s) x 1 CPU", "the Ray cluster has 2",
+    res = posttrain("run", str(write(tmp_path, small_recipe(tmp_path, tiny_model))), "cluster.learner.actors=4")
+    _fails_cleanly(res, "stage 'sft' needs 4 CPUs", "4 learner actor(s) x 1 CPU", "the Ray cluster has 2",
                    "cluster.<role>.actors")
     assert not (tmp_path / "runs").exists()
 
