@@ -143,3 +143,19 @@ def spawn(cls: type, demand: Demand, args_per_actor: list[tuple], pack: bool = F
         for i, o in enumerate(opts):
             o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
     return ActorGroup([remote.options(**o).remote(*a) for o, a in zip(opts, args_per_actor)], pg)
+
+
+def gather(refs: list) -> list:
+    """ray.get for a group's calls that fails fast: the first actor error is raised at once.
+
+    When one rank of a process group dies, the others block in their next collective; waiting for
+    every result in order would hang on a survivor. Raising here lets the caller tear the group down.
+    """
+    import ray
+
+    results: dict = {}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        results[ready[0]] = ray.get(ready[0])  # raises RayActorError / RayTaskError for a failed actor
+    return [results[r] for r in refs]

@@ -140,7 +140,7 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
 
 
 def _run_stages(recipe: Recipe, summary: dict[str, Any], out: Path, logger, resume: bool) -> None:
-    """Stages in order; the model each one starts from is the last checkpoint produced before it."""
+    """Stages in order. A stage starts from its own `model`, else the last checkpoint produced before it."""
     model_path = recipe.model.path
     for i, stage in enumerate(recipe.stages):
         entry = summary["stages"][i]
@@ -148,11 +148,11 @@ def _run_stages(recipe: Recipe, summary: dict[str, Any], out: Path, logger, resu
             log.info("stage %s: already done, skipped (--resume)", stage.name)
             model_path = entry["checkpoint"] or model_path
             continue
-        model_path = stage.model or model_path
-        entry.update(status="running", model=model_path, started=time.time())
+        start = stage.model or model_path
+        entry.update(status="running", model=start, started=time.time())
         _write_summary(out, summary)
         try:
-            result = _run_stage(recipe, stage, model_path, out, logger, resume)
+            result = _run_stage(recipe, stage, start, out, logger, resume)
         except BaseException as exc:  # recorded so `summary.json` says where and why the run stopped
             entry.update(status="failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
             _write_summary(out, summary)

@@ -113,3 +113,31 @@ def test_lora_run_saves_a_peft_adapter_and_export_merges_it(tmp_path, tiny_model
         torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-5, rtol=1e-5)
     res = posttrain("export", str(ckpt), str(tmp_path / "merged"))
     assert res.returncode == 2 and "already exists" in res.stderr
+
+
+def test_a_crashed_learner_stops_the_run_cleanly_with_checkpoints_intact(tmp_path, tiny_model):
+    recipe = small_recipe(tmp_path, tiny_model)
+    recipe["stages"][0].update(steps=400, save_every=10, eval_every=400)
+    path = write(tmp_path, recipe)
+    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ckpts = tmp_path / "runs" / "t" / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts / "step-000010" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.2)
+    pids = subprocess.run(["pgrep", "-f", "ray::LearnerWorker"], capture_output=True, text=True).stdout.split()
+    assert len(pids) == 2, pids
+    os.kill(int(pids[-1]), signal.SIGKILL)  # one rank of the DeepSpeed group dies mid-training
+    try:
+        _, stderr = proc.communicate(timeout=120)  # the survivor sits in a collective: the driver must not wait on it
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, stderr[-2000:]
+    assert "a worker process died" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
+    assert summary["stages"][0]["status"] == "failed"
+    latest = sorted(p.name for p in ckpts.iterdir() if not p.name.endswith(".tmp"))[-1]
+    assert (ckpts / latest / "model.safetensors").exists() and (ckpts / latest / "trainer_state.json").exists()

@@ -7,7 +7,7 @@ import logging
 
 import ray
 
-from posttrain.cluster import Demand, spawn
+from posttrain.cluster import Demand, gather, spawn
 from posttrain.data.batching import encode_prompt
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
@@ -29,6 +29,8 @@ def run_eval(ctx: StageContext) -> StageResult:
     rows = load_split(stage.data, data_cfg, stage.split)
     if stage.max_problems:
         rows = rows.select(range(min(stage.max_problems, len(rows))))
+    if len(rows) == 0:
+        raise PosttrainError(f"stage {stage.name!r}: data {stage.data}:{stage.split} is empty")
     if data_cfg.verifier is None:
         raise PosttrainError(f"stage {stage.name!r}: data.{stage.data} has no verifier; set data.{stage.data}.verifier")
     if any(a is None for a in rows["answer"]):
@@ -104,7 +106,7 @@ def _verify(verifiers: list, roll: Rollouts, answers: list[str]) -> list[Verdict
     refs = [answers[i] for i in roll.prompt_index]
     size = -(-len(refs) // len(verifiers))
     calls = [v.score.remote(roll.text[i : i + size], refs[i : i + size]) for v, i in zip(verifiers, range(0, len(refs), size))]
-    verdicts = [v for part in ray.get(calls) for v in part]
+    verdicts = [v for part in gather(calls) for v in part]
     for i, v in enumerate(verdicts):
         if v.error:
             log.warning("verifier error on problem %d: %s", roll.prompt_index[i], v.error)

@@ -9,7 +9,7 @@ import time
 import ray
 
 from posttrain import checkpoint
-from posttrain.cluster import Demand, spawn
+from posttrain.cluster import Demand, gather, spawn
 from posttrain.data.batching import encode_example, micro_batches, shard_step, step_indices
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
@@ -44,14 +44,14 @@ def run_sft(ctx: StageContext) -> StageResult:
                   [(rank, world, spec) for rank in range(world)], pack=True)
     with group as learners:
         addr, port = ray.get(learners[0].address.remote())
-        counts = ray.get([lr.setup.remote(addr, port) for lr in learners])[0]
+        counts = gather([lr.setup.remote(addr, port) for lr in learners])[0]
         log.info("sft: %d learner(s), ZeRO-%d, %s params (%s trainable)", world, lcfg.zero_stage,
                  f"{counts['params']:,}", f"{counts['trainable']:,}")
         start = 0
         if resume_from is not None:
             path, state = resume_from
             _check_same_layout(state, world, lcfg.zero_stage, path)
-            ray.get([lr.load.remote(str(path)) for lr in learners])
+            gather([lr.load.remote(str(path)) for lr in learners])
             start = state["step"]
             log.info("sft: resumed from %s (step %d)", path, start)
 
@@ -64,7 +64,7 @@ def run_sft(ctx: StageContext) -> StageResult:
             batch = [train[i] for i in step_indices(len(train), stage.batch_size, step, recipe.seed)]
             shards = shard_step(batch, world, mbs, tok.pad_token_id)
             tokens = sum(mb.n_target_tokens for rank in shards for mb in rank)
-            outs = ray.get([lr.train_step.remote(step, shards[r], tokens) for r, lr in enumerate(learners)])
+            outs = gather([lr.train_step.remote(step, shards[r], tokens) for r, lr in enumerate(learners)])
             window.append((sum(o["nll_sum"] for o in outs), tokens))
             bar.update(1)
             done = step + 1
@@ -88,6 +88,8 @@ def run_sft(ctx: StageContext) -> StageResult:
 def _encode_split(ctx: StageContext, split: str, tok) -> list:
     stage = ctx.stage
     rows = load_split(stage.data, ctx.recipe.data[stage.data], split)
+    if len(rows) == 0:
+        raise PosttrainError(f"stage {stage.name!r}: data {stage.data}:{split} is empty")
     if "completion" not in rows.column_names or any(c is None for c in rows["completion"]):
         raise PosttrainError(f"stage {stage.name!r}: data {stage.data}:{split} has rows without a completion; "
                              "SFT needs prompt/completion pairs (or messages ending with an assistant turn)")
@@ -101,14 +103,14 @@ def _encode_split(ctx: StageContext, split: str, tok) -> list:
 
 def _held_out_loss(learners, examples, world, mbs, pad_id) -> float:
     batches = micro_batches(examples, mbs, pad_id)
-    outs = ray.get([lr.eval_loss.remote(batches[r::world]) for r, lr in enumerate(learners)])
+    outs = gather([lr.eval_loss.remote(batches[r::world]) for r, lr in enumerate(learners)])
     nll, n = map(sum, zip(*outs))
     return nll / n if n else math.nan
 
 
 def _save(learners, root, step, stage, world, zero_stage, metrics) -> object:
     tmp = checkpoint.begin(root, step)
-    ray.get([lr.save.remote(str(tmp)) for lr in learners])
+    gather([lr.save.remote(str(tmp)) for lr in learners])
     state = {"step": step, "world_size": world, "zero_stage": zero_stage, "metrics": metrics}
     return checkpoint.commit(tmp, state, stage.keep_last)
 
