@@ -86,9 +86,10 @@ def _run(args) -> int:
         return 0
     out = pipeline.run(recipe, resume=args.resume)
     summary = json.loads((out / pipeline.SUMMARY).read_text())
+    from posttrain.tracking import format_metrics
+
     for s in summary["stages"]:
-        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in s["metrics"].items())
-        print(f"{s['name']}: {shown}" + (f"  [checkpoint {s['checkpoint']}]" if s.get("checkpoint") else ""))
+        print(f"{s['name']}: {format_metrics(s['metrics'])}" + (f"  [checkpoint {s['checkpoint']}]" if s.get("checkpoint") else ""))
     report = out / "report.html"
     print(f"run directory: {out}" + (f"\nreport: {report}" if report.exists() else ""))
     return 0

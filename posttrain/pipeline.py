@@ -119,6 +119,10 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
     from posttrain.report import write_report
     from posttrain.tracking import MetricsLogger, WandbSettings
 
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # spares DeepSpeed's accelerator probe (and its warning)
     recipe = absolute_paths(recipe)
     out = run_dir(recipe)
     # Every check that can fail runs before anything is written under runs/.
@@ -200,14 +204,10 @@ def _loops():
 
 
 def _worker_env() -> dict[str, str]:
-    import torch
-
     # Quiet workers: no per-load progress bars or load reports from every actor.
     env = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"}
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"  # skips DeepSpeed's accelerator probing (and its warning)
-    for key in ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE"):
+    for key in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

@@ -281,3 +281,13 @@ def progress(
         options["dynamic_ncols"] = True
     options.update(kwargs)
     return tqdm(iterable, **options)
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """`k=v` pairs for log lines: counts as integers, rates with 4 significant digits."""
+    def one(v: Any) -> str:
+        if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+            return str(int(v))
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k}={one(v)}" for k, v in metrics.items())

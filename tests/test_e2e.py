@@ -23,7 +23,9 @@ def _metrics(run, stage):
 
 
 def test_sft_then_eval_run(tmp_path, tiny_model):
-    res = posttrain("run", str(write(tmp_path, small_recipe(tmp_path, tiny_model))))
+    recipe = small_recipe(tmp_path, tiny_model)
+    recipe["tracking"].update(wandb=True, tensorboard=True)  # offline wandb by default
+    res = posttrain("run", str(write(tmp_path, recipe)))
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "runs" / "t"
     losses = [m["train_loss"] for m in _metrics(run, "sft") if "train_loss" in m]
@@ -44,6 +46,8 @@ def test_sft_then_eval_run(tmp_path, tiny_model):
     assert ev["metrics"]["pass@1"] == pytest.approx(sum(r["correct"] for r in greedy) / 40)
     assert {"pass@1", "pass@1_sampled", "pass@2", "maj@1", "maj@2"} <= set(ev["metrics"])
     assert ev["metrics"]["pass@2"] >= ev["metrics"]["pass@1_sampled"]
+    assert list((run / "wandb").glob("offline-run-*")), "wandb (offline) wrote no run"
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "pass@1" in html
     # --resume on a finished run skips every stage and changes nothing.

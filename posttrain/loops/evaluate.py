@@ -15,7 +15,7 @@ from posttrain.models.load import load_tokenizer
 from posttrain.recipe.schema import EvalStage, SamplingConfig
 from posttrain.scoring import maj_at_k, mean_pass_at_k
 from posttrain.stage import StageContext, StageResult
-from posttrain.tracking import progress
+from posttrain.tracking import format_metrics, progress
 from posttrain.workers.sampler import SAMPLER_BACKENDS, Rollouts, greedy
 from posttrain.workers.verifier import Verdict, VerifierWorker
 
@@ -68,7 +68,7 @@ def run_eval(ctx: StageContext) -> StageResult:
                 metrics[f"maj@{k}"] = maj_at_k(voted, answers, k, equal=equal)
             _write_samples(ctx, f"sampled{n}", rows, roll, verdicts)
     ctx.log(0, metrics)
-    log.info("%s: %s", stage.name, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    log.info("%s: %s", stage.name, format_metrics(metrics))
     return StageResult(metrics, None)
 
 
