@@ -17,8 +17,12 @@ from posttrain.recipe.schema import ClusterConfig
 
 log = logging.getLogger(__name__)
 
-# Which actor roles each stage kind runs at the same time (for the resource check and the plan).
-STAGE_ROLES: dict[str, tuple[str, ...]] = {"sft": ("learner",), "eval": ("sampler", "verifier")}
+# The phases of each stage kind: the actor roles alive at the same time in each (resource check and plan).
+STAGE_PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "sft": (("learner",),),
+    "eval": (("sampler", "verifier"),),
+    "rest_em": (("sampler", "verifier"), ("learner",)),  # E-step and eval, then M-step: never together
+}
 
 
 @dataclass
@@ -33,9 +37,10 @@ class Demand:
         return f"{self.actors} {self.role} actor(s) x {self.cpus:g} CPU{gpu}"
 
 
-def stage_demands(cfg: ClusterConfig, kind: str) -> list[Demand]:
+def stage_phases(cfg: ClusterConfig, kind: str) -> list[list[Demand]]:
     roles = {"learner": cfg.learner, "sampler": cfg.sampler, "verifier": cfg.verifier}
-    return [Demand(r, roles[r].actors, roles[r].cpus, getattr(roles[r], "gpus", 0.0)) for r in STAGE_ROLES[kind]]
+    return [[Demand(r, roles[r].actors, roles[r].cpus, getattr(roles[r], "gpus", 0.0)) for r in phase]
+            for phase in STAGE_PHASES[kind]]
 
 
 def local_resources(cfg: ClusterConfig) -> dict[str, float]:

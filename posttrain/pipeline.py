@@ -16,7 +16,7 @@ from typing import Any
 
 from posttrain.errors import PosttrainError
 from posttrain.recipe.load import dump_recipe, recipe_to_dict
-from posttrain.recipe.schema import Recipe, SFTStage
+from posttrain.recipe.schema import Recipe, RestEMStage, SFTStage
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
@@ -31,7 +31,8 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     r = dataclasses.replace(recipe)
     r.model = dataclasses.replace(recipe.model, path=_abs(recipe.model.path))
     r.data = {k: dataclasses.replace(d, path=_abs(d.path) if d.path else None) for k, d in recipe.data.items()}
-    r.stages = [dataclasses.replace(s, model=_abs(s.model) if s.model else None) for s in recipe.stages]
+    r.stages = [dataclasses.replace(s, model=_abs(s.model) if s.model and not s.model.startswith("@") else s.model)
+                for s in recipe.stages]
     r.tracking = dataclasses.replace(recipe.tracking, output_dir=str(Path(recipe.tracking.output_dir).expanduser().resolve()))
     return r
 
@@ -43,10 +44,11 @@ def _abs(path: str) -> str:
 
 
 def check_recipe_resources(recipe: Recipe, available: dict[str, float]) -> None:
-    from posttrain.cluster import check_fits, stage_demands
+    from posttrain.cluster import check_fits, stage_phases
 
     for s in recipe.stages:
-        check_fits(s.name, stage_demands(recipe.cluster, s.kind), available)
+        for phase in stage_phases(recipe.cluster, s.kind):
+            check_fits(s.name, phase, available)
 
 
 def ensure_model(recipe: Recipe) -> None:
@@ -60,14 +62,14 @@ def ensure_model(recipe: Recipe) -> None:
         build_tiny_model(recipe.model.path, recipe.model.tiny)
     check_model_path(recipe.model.path)
     for i, s in enumerate(recipe.stages):
-        if s.model:
+        if s.model and not s.model.startswith("@"):  # "@stage" is resolved when that stage has run
             check_model_path(s.model, f"stages.{i}.model")
 
 
 # ---------------------------------------------------------------------- plan
 def plan(recipe: Recipe) -> str:
     """The resolved plan printed by --dry-run: stages, actors and resources, data sizes, outputs."""
-    from posttrain.cluster import local_resources, stage_demands
+    from posttrain.cluster import local_resources, stage_phases
     from posttrain.data.datasets import load_split
 
     out = run_dir(recipe)
@@ -101,14 +103,26 @@ def plan(recipe: Recipe) -> str:
                          f" x {s.micro_batch_size}), lr {s.optim.lr:g} {s.optim.schedule}, warmup {s.optim.warmup_steps}")
             lines.append(f"  learner: {lr.backend}" + (f" ZeRO-{lr.zero_stage}" if lr.backend == "deepspeed" else ""))
             lines.append(f"  checkpoints: {out / s.name / 'checkpoints'}/step-NNNNNN every {s.save_every} steps (keep {s.keep_last})")
+        elif isinstance(s, RestEMStage):
+            m = s.m_step
+            lines.append(f"  data: E-step problems {size(s.data, s.train_split)}"
+                         + (f" ({s.problems_per_iteration} per iteration)" if s.problems_per_iteration else "")
+                         + (f", held-out {size(s.data, s.eval_split)}" if s.eval_split else ""))
+            lines.append(f"  {s.iterations} iteration(s): E-step K={s.samples_per_problem} samples/problem "
+                         f"(T={s.sampling.temperature:g}, top_k={s.sampling.top_k}), keep verified, de-dup, cap "
+                         f"{s.max_per_problem}/problem; verifier {recipe.data[s.data].verifier}")
+            lines.append(f"  M-step: {m.steps} steps x {m.batch_size} sequences from "
+                         f"{'the base model each iteration' if s.from_base else 'the previous iterate'}, lr {m.optim.lr:g}")
+            lines.append(f"  outputs: {out / s.name}/iterations.json, iter-N/checkpoints, iter-N/e_step_samples.jsonl")
         else:
             what = (["greedy pass@1"] if s.greedy else []) + (
                 [f"{s.samples} samples/problem -> pass@k, maj@k for k in {s.pass_k}"] if s.samples else [])
             lines.append(f"  data: {size(s.data, s.split)}" + (f", first {s.max_problems}" if s.max_problems else ""))
             lines.append(f"  eval: {'; '.join(what)}; verifier {recipe.data[s.data].verifier}")
             lines.append(f"  samples: {out / s.name}/samples_*.jsonl")
-        for d in stage_demands(c, s.kind):
-            lines.append(f"  actors: {d}")
+        for n, phase in enumerate(stage_phases(c, s.kind), 1):
+            label = "actors" if len(stage_phases(c, s.kind)) == 1 else f"actors (phase {n})"
+            lines.append(f"  {label}: " + "; ".join(str(d) for d in phase))
     lines.append(f"outputs: {out}/summary.json, metrics.jsonl, report.html")
     return "\n".join(lines)
 
@@ -152,7 +166,7 @@ def _run_stages(recipe: Recipe, summary: dict[str, Any], out: Path, logger, resu
             log.info("stage %s: already done, skipped (--resume)", stage.name)
             model_path = entry["checkpoint"] or model_path
             continue
-        start = stage.model or model_path
+        start = _resolve_model(stage.model, summary) or model_path
         entry.update(status="running", model=start, started=time.time())
         _write_summary(out, summary)
         try:
@@ -161,10 +175,20 @@ def _run_stages(recipe: Recipe, summary: dict[str, Any], out: Path, logger, resu
             entry.update(status="failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
             _write_summary(out, summary)
             raise
-        entry.update(status="done", metrics=result.metrics, checkpoint=result.checkpoint,
+        entry.update(status="done", metrics=result.metrics, checkpoint=result.checkpoint, details=result.details,
                      wall_time_s=round(time.time() - entry["started"], 2))
         _write_summary(out, summary)
         model_path = result.checkpoint or model_path
+
+
+def _resolve_model(ref: str | None, summary: dict[str, Any]) -> str | None:
+    """A stage's own `model`: a path, or "@name" for the checkpoint an earlier stage produced."""
+    if not ref or not ref.startswith("@"):
+        return ref
+    entry = next(s for s in summary["stages"] if s["name"] == ref[1:])
+    if not entry.get("checkpoint"):
+        raise PosttrainError(f"model {ref!r}: stage {ref[1:]!r} produced no checkpoint to start from")
+    return entry["checkpoint"]
 
 
 def _run_stage(recipe, stage, model_path, out, logger, resume):
@@ -198,9 +222,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _loops():
     from posttrain.loops.evaluate import run_eval
+    from posttrain.loops.expert_iteration import run_rest_em
     from posttrain.loops.supervised import run_sft
 
-    return {"sft": run_sft, "eval": run_eval}
+    return {"sft": run_sft, "eval": run_eval, "rest_em": run_rest_em}
 
 
 def _worker_env() -> dict[str, str]:

@@ -172,6 +172,20 @@ def _stage_section(name: str, series: Mapping[str, list[tuple[float, float]]]) -
     return f"<h2>{html.escape(name)}</h2>{body}"
 
 
+def _iteration_table(rows: Any) -> str:
+    """A per-iteration table (e.g. ReST-EM): one row per iteration, the numeric columns in first-seen order."""
+    if not isinstance(rows, list) or not rows:
+        return ""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in columns]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c, '')))}</td>" for c in columns) + "</tr>" for row in rows
+    )
+    return f"<h3>Iterations</h3><table><tr>{head}</tr>{body}</table>"
+
+
 def _run_name(summary: Mapping[str, Any], run_dir: Path) -> str:
     recipe = summary.get("recipe")
     recipe = recipe if isinstance(recipe, Mapping) else {}
@@ -190,7 +204,11 @@ def render_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any
     stages += [{"name": name} for name in series if name not in known]
 
     run_name = _run_name(summary, run_dir)
-    sections = "".join(_stage_section(str(s.get("name", "?")), series.get(str(s.get("name")), {})) for s in stages)
+    sections = "".join(
+        _stage_section(str(s.get("name", "?")), series.get(str(s.get("name")), {}))
+        + _iteration_table((s.get("details") or {}).get("iterations"))
+        for s in stages
+    )
     recipe_json = json.dumps(summary.get("recipe") or {}, indent=2, default=str)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

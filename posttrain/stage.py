@@ -27,3 +27,4 @@ class StageContext:
 class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None  # the model the next stage starts from (None: unchanged)
+    details: dict[str, Any] = field(default_factory=dict)  # structured extras for summary.json (tables, digests)

@@ -198,3 +198,14 @@ def test_report_without_summary_or_metrics(tmp_path: Path) -> None:
     page = write_report(tmp_path).read_text()
     assert _section(page, "grpo").count(PNG_URI) == 1  # now a series: a line plot
     assert _section(page, "eval").count(PNG_URI) == 1  # pass@1 and pass@4 side by side as bars
+
+
+def test_report_renders_an_iteration_table(tmp_path: Path) -> None:
+    summary = {"recipe": {"name": "r"}, "stages": [{"name": "rest_em", "kind": "rest_em", "metrics": {},
+               "details": {"iterations": [{"iteration": 0, "test_pass@1": 0.5, "kept": 10, "checkpoint": "/c0"},
+                                          {"iteration": 1, "test_pass@1": 0.7, "checkpoint": "/c1"}]}}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    page = write_report(tmp_path).read_text()
+    table = page[page.index("<h3>Iterations</h3>"):]
+    assert "<th>iteration</th><th>test_pass@1</th><th>kept</th>" in table
+    assert "<td>1</td><td>0.7</td><td></td>" in table and "/c0" not in table

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 
@@ -12,9 +15,10 @@ from posttrain.data.batching import encode_prompt
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.models.load import load_tokenizer
-from posttrain.recipe.schema import EvalStage, SamplingConfig
+from posttrain.recipe.schema import EvalStage, Recipe, SamplingConfig
 from posttrain.scoring import maj_at_k, mean_pass_at_k
 from posttrain.stage import StageContext, StageResult
+from posttrain.verifiers import get_verifier
 from posttrain.tracking import format_metrics, progress
 from posttrain.workers.sampler import SAMPLER_BACKENDS, Rollouts, greedy
 from posttrain.workers.verifier import Verdict, VerifierWorker
@@ -24,55 +28,69 @@ log = logging.getLogger(__name__)
 
 def run_eval(ctx: StageContext) -> StageResult:
     stage: EvalStage = ctx.stage
-    cluster = ctx.recipe.cluster
     data_cfg = ctx.recipe.data[stage.data]
     rows = load_split(stage.data, data_cfg, stage.split)
     if stage.max_problems:
         rows = rows.select(range(min(stage.max_problems, len(rows))))
     if len(rows) == 0:
         raise PosttrainError(f"stage {stage.name!r}: data {stage.data}:{stage.split} is empty")
-    if data_cfg.verifier is None:
-        raise PosttrainError(f"stage {stage.name!r}: data.{stage.data} has no verifier; set data.{stage.data}.verifier")
     if any(a is None for a in rows["answer"]):
         raise PosttrainError(f"stage {stage.name!r}: data {stage.data}:{stage.split} has rows without an `answer`")
     tok = load_tokenizer(ctx.model_path)
     prompts = [encode_prompt(tok, row) for row in rows]
-    answers = list(rows["answer"])
-
-    scfg, vcfg = cluster.sampler, cluster.verifier
-    samplers = spawn(SAMPLER_BACKENDS[scfg.backend], Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
-                     [(ctx.model_path, ctx.recipe.model.dtype, max(1, int(scfg.cpus)))] * scfg.actors)
-    verifiers = spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0),
-                      [(data_cfg.verifier,)] * vcfg.actors)
-    metrics: dict[str, float] = {"problems": float(len(prompts))}
-    with samplers as s_actors, verifiers as v_actors:
-        if stage.greedy:
-            roll = _sample(s_actors, prompts, 1, greedy(stage.max_new_tokens), scfg.batch_size, f"{stage.name} greedy",
-                           ctx.recipe.seed)
-            verdicts = _verify(v_actors, roll, answers)
-            metrics["pass@1"] = sum(v.correct for v in verdicts) / len(verdicts)
-            metrics["mean_completion_tokens"] = sum(map(len, roll.completion_ids)) / len(roll.completion_ids)
-            metrics["truncated_frac"] = 1.0 - sum(roll.finished) / len(roll.finished)
-            _write_samples(ctx, "greedy", rows, roll, verdicts)
-        if stage.samples:
-            n = stage.samples
-            roll = _sample(s_actors, prompts, n, stage.sampling, scfg.batch_size, f"{stage.name} sample x{n}",
-                           ctx.recipe.seed)
-            verdicts = _verify(v_actors, roll, answers)
-            correct = [[v.correct for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
-            voted = [[v.answer for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
-            equal = _equal_fn(data_cfg.verifier)
-            for k in stage.pass_k:
-                key = "pass@1_sampled" if (k == 1 and stage.greedy) else f"pass@{k}"
-                metrics[key] = mean_pass_at_k(correct, k)
-                metrics[f"maj@{k}"] = maj_at_k(voted, answers, k, equal=equal)
-            _write_samples(ctx, f"sampled{n}", rows, roll, verdicts)
+    with policy_actors(ctx.recipe, ctx.model_path, data_cfg.verifier) as (samplers, verifiers):
+        metrics = evaluate_policy(
+            samplers, verifiers, rows, prompts, verifier_name=data_cfg.verifier,
+            greedy_tokens=stage.max_new_tokens if stage.greedy else None, samples=stage.samples,
+            pass_k=stage.pass_k, sampling=stage.sampling, batch_size=ctx.recipe.cluster.sampler.batch_size,
+            seed=ctx.recipe.seed, desc=stage.name, samples_dir=ctx.stage_dir)
     ctx.log(0, metrics)
     log.info("%s: %s", stage.name, format_metrics(metrics))
     return StageResult(metrics, None)
 
 
-def _sample(samplers: list, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int, desc: str,
+@contextmanager
+def policy_actors(recipe: Recipe, model_path: str, verifier: str) -> Iterator[tuple[list, list]]:
+    """Sampler actors serving `model_path` and verifier actors, removed on exit."""
+    scfg, vcfg = recipe.cluster.sampler, recipe.cluster.verifier
+    samplers = spawn(SAMPLER_BACKENDS[scfg.backend], Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
+                     [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)))] * scfg.actors)
+    verifiers = spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0), [(verifier,)] * vcfg.actors)
+    with samplers as s_actors, verifiers as v_actors:
+        yield s_actors, v_actors
+
+
+def evaluate_policy(samplers: list, verifiers: list, rows, prompts: list[list[int]], *, verifier_name: str,
+                    greedy_tokens: int | None, samples: int, pass_k: list[int], sampling: SamplingConfig,
+                    batch_size: int, seed: int, desc: str, samples_dir: Path | None = None) -> dict[str, float]:
+    """Greedy pass@1 (when greedy_tokens is set), and with `samples` > 0 the unbiased pass@k and maj@k."""
+    answers = list(rows["answer"])
+    metrics: dict[str, float] = {"problems": float(len(prompts))}
+    if greedy_tokens:
+        roll = sample(samplers, prompts, 1, greedy(greedy_tokens), batch_size, f"{desc} greedy", seed)
+        verdicts = verify(verifiers, roll, answers)
+        metrics["pass@1"] = sum(v.correct for v in verdicts) / len(verdicts)
+        metrics["mean_completion_tokens"] = sum(map(len, roll.completion_ids)) / len(roll.completion_ids)
+        metrics["truncated_frac"] = 1.0 - sum(roll.finished) / len(roll.finished)
+        if samples_dir is not None:
+            write_samples(samples_dir / "samples_greedy.jsonl", rows, roll, verdicts)
+    if samples:
+        n = samples
+        roll = sample(samplers, prompts, n, sampling, batch_size, f"{desc} sample x{n}", seed)
+        verdicts = verify(verifiers, roll, answers)
+        correct = [[v.correct for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
+        voted = [[v.answer for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
+        equal = get_verifier(verifier_name).equal
+        for k in pass_k:
+            key = "pass@1_sampled" if (k == 1 and greedy_tokens) else f"pass@{k}"
+            metrics[key] = mean_pass_at_k(correct, k)
+            metrics[f"maj@{k}"] = maj_at_k(voted, answers, k, equal=equal)
+        if samples_dir is not None:
+            write_samples(samples_dir / f"samples_sampled{n}.jsonl", rows, roll, verdicts)
+    return metrics
+
+
+def sample(samplers: list, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int, desc: str,
             seed: int) -> Rollouts:
     """Fan batches of prompts out to the samplers round-robin and stitch the rollouts back in order.
 
@@ -102,7 +120,7 @@ def _sample(samplers: list, prompts: list[list[int]], n: int, params: SamplingCo
     return out
 
 
-def _verify(verifiers: list, roll: Rollouts, answers: list[str]) -> list[Verdict]:
+def verify(verifiers: list, roll: Rollouts, answers: list[str]) -> list[Verdict]:
     refs = [answers[i] for i in roll.prompt_index]
     size = -(-len(refs) // len(verifiers))
     calls = [v.score.remote(roll.text[i : i + size], refs[i : i + size]) for v, i in zip(verifiers, range(0, len(refs), size))]
@@ -113,16 +131,10 @@ def _verify(verifiers: list, roll: Rollouts, answers: list[str]) -> list[Verdict
     return verdicts
 
 
-def _equal_fn(verifier: str):
-    from posttrain.verifiers import get_verifier
-
-    return get_verifier(verifier).equal
-
-
-def _write_samples(ctx: StageContext, tag: str, rows, roll: Rollouts, verdicts: list[Verdict]) -> None:
+def write_samples(path: Path, rows, roll: Rollouts, verdicts: list[Verdict]) -> None:
     """Every completion with its verdict, for reading what the model actually wrote."""
-    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    with open(ctx.stage_dir / f"samples_{tag}.jsonl", "w") as fh:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
         for i, text, v, done in zip(roll.prompt_index, roll.text, verdicts, roll.finished):
             row = rows[i]
             fh.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "completion": text, "answer": v.answer,

@@ -100,3 +100,14 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(adapter_dir).save_pretrained(out)
     return out
+
+
+def weights_digest(model) -> str:
+    """SHA-256 over parameter names and values: shows which weights a training run started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

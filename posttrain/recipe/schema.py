@@ -206,7 +206,7 @@ class SFTStage:
     kind: Literal["sft"]
     data: str  # a name under `data:`
     name: str | None = None  # defaults to the kind; must be unique
-    model: str | None = None  # default: the previous stage's checkpoint, else `model.path`
+    model: str | None = None  # default: the previous stage's checkpoint, else `model.path`; "@name": stage name's
     train_split: str = "train"
     eval_split: str | None = None  # held-out split for teacher-forced eval loss
     steps: int = 300
@@ -259,11 +259,61 @@ class EvalStage:
         return out
 
 
-Stage = Union[SFTStage, EvalStage]
-STAGE_KINDS: dict[str, type] = {"sft": SFTStage, "eval": EvalStage}
+@dataclass
+class MStepConfig:
+    """The M-step of ReST-EM: fine-tuning on the kept (verified) samples."""
+
+    steps: int = 300
+    batch_size: int = 64
+    micro_batch_size: int = 32
+    max_length: int = 256
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log_every: int = 10
+
+    def problems(self) -> Problems:
+        return [(k, "must be >= 1") for k in ("steps", "batch_size", "micro_batch_size", "max_length", "log_every")
+                if getattr(self, k) < 1]
+
+
+@dataclass
+class RestEMStage:
+    """ReST-EM (Singh et al. 2023): sample K solutions per problem, keep the verified ones, fine-tune, repeat."""
+
+    kind: Literal["rest_em"]
+    data: str
+    name: str | None = None
+    model: str | None = None
+    train_split: str = "pool"  # problems with a final answer only; solutions come from the policy
+    eval_split: str | None = "test"
+    iterations: int = 2
+    samples_per_problem: int = 4  # K
+    max_per_problem: int = 10  # cap on kept solutions per problem (paper: 10)
+    problems_per_iteration: int | None = None  # a fresh random subset of the pool per E-step (None: all)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_k=40, max_new_tokens=64))
+    from_base: bool = True  # each M-step starts from the stage's input model (paper); False: from the last iterate
+    m_step: MStepConfig = field(default_factory=MStepConfig)
+    eval_max_problems: int | None = None
+    eval_samples: int = 4  # samples per held-out problem for pass@K and maj@K (0: greedy pass@1 only)
+    eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=64))
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        for key in ("iterations", "samples_per_problem", "max_per_problem"):
+            if getattr(self, key) < 1:
+                out.append((key, "must be >= 1"))
+        if self.problems_per_iteration is not None and self.problems_per_iteration < 1:
+            out.append(("problems_per_iteration", "must be >= 1"))
+        if self.eval_samples < 0:
+            out.append(("eval_samples", "must be >= 0"))
+        return out
+
+
+Stage = Union[SFTStage, EvalStage, RestEMStage]
+STAGE_KINDS: dict[str, type] = {"sft": SFTStage, "eval": EvalStage, "rest_em": RestEMStage}
 STAGE_DESCRIPTIONS: dict[str, str] = {
     "sft": "supervised fine-tuning on prompt/completion pairs (loss on completion tokens)",
     "eval": "sample with the policy and score: greedy pass@1, unbiased pass@k, maj@k",
+    "rest_em": "ReST-EM self-training: sample K, keep verified (capped, de-duplicated), fine-tune from base, repeat",
 }
 
 
@@ -298,14 +348,19 @@ class Recipe:
             if name in seen:
                 out.append((f"stages.{i}.name", f"duplicate stage name {name!r}; give each stage a unique `name`"))
             seen.add(name)
-            if isinstance(stage, SFTStage):
-                per_step = self.cluster.learner.actors * stage.micro_batch_size
-                if stage.batch_size % per_step:
-                    out.append((f"stages.{i}.batch_size",
-                                f"{stage.batch_size} must be a multiple of cluster.learner.actors ({self.cluster.learner.actors})"
-                                f" x micro_batch_size ({stage.micro_batch_size}) = {per_step}"))
-            if isinstance(stage, EvalStage) and stage.data in self.data and self.data[stage.data].verifier is None:
-                out.append((f"stages.{i}.data", f"eval needs answers checked: set data.{stage.data}.verifier"))
+            train = stage if isinstance(stage, SFTStage) else stage.m_step if isinstance(stage, RestEMStage) else None
+            prefix = f"stages.{i}." if isinstance(stage, SFTStage) else f"stages.{i}.m_step."
+            if train is not None and train.batch_size % (self.cluster.learner.actors * train.micro_batch_size):
+                per_step = self.cluster.learner.actors * train.micro_batch_size
+                out.append((prefix + "batch_size",
+                            f"{train.batch_size} must be a multiple of cluster.learner.actors ({self.cluster.learner.actors})"
+                            f" x micro_batch_size ({train.micro_batch_size}) = {per_step}"))
+            needs_verifier = isinstance(stage, (EvalStage, RestEMStage))
+            if needs_verifier and stage.data in self.data and self.data[stage.data].verifier is None:
+                out.append((f"stages.{i}.data", f"{stage.kind} needs answers checked: set data.{stage.data}.verifier"))
+            if stage.model and stage.model.startswith("@") and stage.model[1:] not in seen - {name}:
+                out.append((f"stages.{i}.model", f"{stage.model!r} must name an earlier stage (e.g. '@sft') whose "
+                                                 "checkpoint this stage starts from"))
             if stage.data not in self.data:
                 known = ", ".join(sorted(self.data)) or "none"
                 out.append((f"stages.{i}.data", f"unknown dataset {stage.data!r} (defined under data: {known})"))

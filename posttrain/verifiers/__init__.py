@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-VERIFIERS = {"arithmetic": "posttrain.verifiers.arithmetic"}
+VERIFIERS = {"arithmetic": "posttrain.verifiers.arithmetic", "math": "posttrain.verifiers.math"}
 VERIFIER_DESCRIPTIONS = {
     "arithmetic": "integer final answer after the last '#' (the synthetic arithmetic task)",
+    "math": "last \\boxed{}, '#### n' or 'the answer is ...', compared with math-verify (GSM8K, MATH)",
 }
 
 

@@ -60,13 +60,17 @@ class LearnerWorker:
 
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, master_addr: str, master_port: int) -> dict[str, int]:
-        """Join the process group, load the model and build the engine. Returns parameter counts."""
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the process group, load the model and build the engine.
+
+        Returns parameter counts and the digest of the starting weights (before any partitioning).
+        """
         spec = self.spec
-        from posttrain.models.load import load_causal_lm, load_tokenizer
+        from posttrain.models.load import load_causal_lm, load_tokenizer, weights_digest
 
         torch.manual_seed(spec.seed)  # LoRA init is random: same on every rank and on every resume
         self.model = load_causal_lm(spec.model_path, spec.dtype, spec.lora, trainable=True)
+        start_digest = weights_digest(self.model)
         self.tokenizer = load_tokenizer(spec.model_path)
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=spec.optim.lr, betas=tuple(spec.optim.betas), eps=spec.optim.eps,
@@ -82,7 +86,7 @@ class LearnerWorker:
         if spec.backend == "deepspeed" and spec.zero_stage == 3:  # ZeRO-3 partitions: numel() is the local shard
             counts = {k: sum(getattr(p, "ds_numel", p.numel()) for p in ps) for k, ps in
                       (("params", list(self.model.parameters())), ("trainable", params))}
-        return counts
+        return {**counts, "start_digest": start_digest}
 
     # ------------------------------------------------------------------ training
     def train_step(self, step: int, batches: list[TokenBatch], tokens_in_step: int) -> dict[str, float]:

@@ -1,0 +1,29 @@
+"""ReST-EM's E-step filter on hand-built samples."""
+
+from posttrain.algorithms.rest_em import select_verified
+
+
+def test_keeps_exactly_the_verified_finished_samples_deduplicated_and_capped():
+    #            problem 0 ---------------------------  problem 1 -------------  problem 2
+    problem = [0, 0, 0, 0, 0, 0, 1, 1, 1, 2]
+    comps = [(1,), (1,), (2,), (3,), (4,), (5,), (7,), (8,), (7,), (9,)]
+    correct = [True, True, False, True, True, True, True, True, True, False]
+    finished = [True, True, True, False, True, True, True, True, True, True]
+    kept = select_verified(problem, comps, correct, finished, max_per_problem=2)
+    # problem 0: #0 kept; #1 duplicate of #0; #2 wrong; #3 truncated; #4 kept (cap 2 reached); #5 over the cap.
+    # problem 1: #6 and #7 kept; #8 duplicate. problem 2: nothing correct.
+    assert kept == [0, 4, 6, 7]
+    assert all(correct[i] and finished[i] for i in kept)
+    for p in set(problem):
+        mine = [comps[i] for i in kept if problem[i] == p]
+        assert len(mine) == len(set(mine)) <= 2
+
+
+def test_one_sample_per_problem_reduces_to_rejection_sampling_fine_tuning():
+    # K=1: every correct, finished sample is kept, whatever the cap.
+    problem = list(range(6))
+    comps = [(i,) for i in range(6)]
+    correct = [True, False, True, True, False, True]
+    finished = [True] * 6
+    for cap in (1, 10):
+        assert select_verified(problem, comps, correct, finished, cap) == [0, 2, 3, 5]
