@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_run)
     sp = sub.add_parser("list", help="stage kinds, algorithms, verifiers and bundled recipes")
     sp.set_defaults(func=_list)
+    sp = sub.add_parser("verify", help="check one answer with a verifier and print the verdict as JSON")
+    sp.add_argument("verifier", choices=["math"], help="which verifier")
+    sp.add_argument("prediction", help="model output (a bare answer or a full solution)")
+    sp.add_argument("reference", help="reference answer (or a full reference solution)")
+    sp.set_defaults(func=_verify)
     sp = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (LoRA merged into the base)")
     sp.add_argument("checkpoint", help="checkpoint directory (full model or peft adapter)")
     sp.add_argument("out", help="output directory (must not exist)")
@@ -123,6 +128,13 @@ def _first_comment(path: Path) -> str:
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""
+
+
+def _verify(args) -> int:
+    from posttrain.verifiers.math import verify_cli
+
+    print(json.dumps(verify_cli(args.prediction, args.reference)))
+    return 0
 
 
 def _export(args) -> int:

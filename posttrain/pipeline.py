@@ -70,7 +70,7 @@ def ensure_model(recipe: Recipe) -> None:
 def plan(recipe: Recipe) -> str:
     """The resolved plan printed by --dry-run: stages, actors and resources, data sizes, outputs."""
     from posttrain.cluster import local_resources, stage_phases
-    from posttrain.data.datasets import load_split
+    from posttrain.data.datasets import from_hub, load_split
 
     out = run_dir(recipe)
     c = recipe.cluster
@@ -89,6 +89,8 @@ def plan(recipe: Recipe) -> str:
             try:
                 sizes[name, split] = len(load_split(name, recipe.data[name], split))
             except PosttrainError as exc:
+                if from_hub(recipe.data[name], split):  # a plan needs no network: say so and go on
+                    return f"{name}:{split} (hub dataset {recipe.data[name].path!r}: size unknown, not reachable here)"
                 raise PosttrainError(f"dry run: {exc}") from None
         return f"{name}:{split} ({sizes[name, split]:,} rows)"
 
@@ -107,7 +109,7 @@ def plan(recipe: Recipe) -> str:
             m = s.m_step
             lines.append(f"  data: E-step problems {size(s.data, s.train_split)}"
                          + (f" ({s.problems_per_iteration} per iteration)" if s.problems_per_iteration else "")
-                         + (f", held-out {size(s.data, s.eval_split)}" if s.eval_split else ""))
+                         + (f", held-out {size(s.eval_data or s.data, s.eval_split)}" if s.eval_split else ""))
             lines.append(f"  {s.iterations} iteration(s): E-step K={s.samples_per_problem} samples/problem "
                          f"(T={s.sampling.temperature:g}, top_k={s.sampling.top_k}), keep verified, de-dup, cap "
                          f"{s.max_per_problem}/problem; verifier {recipe.data[s.data].verifier}")
@@ -116,7 +118,8 @@ def plan(recipe: Recipe) -> str:
             lines.append(f"  outputs: {out / s.name}/iterations.json, iter-N/checkpoints, iter-N/e_step_samples.jsonl")
         else:
             what = (["greedy pass@1"] if s.greedy else []) + (
-                [f"{s.samples} samples/problem -> pass@k, maj@k for k in {s.pass_k}"] if s.samples else [])
+                [f"{s.samples} samples/problem -> pass@k, maj@k for k in {s.pass_k}"] if s.samples else []) + (
+                [f"re-rank top-{s.rerank_top} answer clusters by {s.rerank_scorer}"] if s.rerank_top else [])
             lines.append(f"  data: {size(s.data, s.split)}" + (f", first {s.max_problems}" if s.max_problems else ""))
             lines.append(f"  eval: {'; '.join(what)}; verifier {recipe.data[s.data].verifier}")
             lines.append(f"  samples: {out / s.name}/samples_*.jsonl")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -43,27 +44,70 @@ def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
     return float(np.mean(scores))
 
 
-def majority_answer(answers: Sequence[str | None]) -> str | None:
-    """Most frequent non-``None`` answer, or ``None`` if every answer is ``None``.
-
-    Ties are broken deterministically in favour of the answer whose *first
-    occurrence* comes earliest in ``answers`` (i.e. sample order), so the result
-    never depends on hash or dict iteration order.
-    """
-    counts: dict[str, int] = {}  # dicts keep insertion order == first-occurrence order
-    for answer in answers:
-        if answer is not None:
-            counts[answer] = counts.get(answer, 0) + 1
-    best: str | None = None
-    best_count = 0
-    for answer, count in counts.items():
-        if count > best_count:  # strict '>' keeps the earliest answer on ties
-            best, best_count = answer, count
-    return best
-
-
 def _string_equal(a: str, b: str) -> bool:
     return a == b
+
+
+def cluster_answers(answers: Sequence[str | None], equal: Callable[[str, str], bool] = _string_equal) -> list[int | None]:
+    """Cluster id per answer: equivalent answers share one (``None`` answers get ``None``).
+
+    Clusters are numbered by first occurrence; an answer joins the first cluster whose
+    representative (its first member) it equals, so the result depends only on sample order.
+    """
+    reps: list[str] = []
+    ids: list[int | None] = []
+    for answer in answers:
+        if answer is None:
+            ids.append(None)
+            continue
+        cid = next((c for c, rep in enumerate(reps) if answer == rep or equal(rep, answer)), None)
+        if cid is None:
+            reps.append(answer)
+            cid = len(reps) - 1
+        ids.append(cid)
+    return ids
+
+
+def majority_answer(answers: Sequence[str | None], equal: Callable[[str, str], bool] = _string_equal) -> str | None:
+    """The answer of the largest cluster of equivalent answers, or ``None`` if every answer is ``None``.
+
+    Ties are broken deterministically in favour of the cluster whose *first occurrence* comes
+    earliest in ``answers`` (sample order); the first member represents the cluster.
+    """
+    ids = cluster_answers(answers, equal)
+    sizes = Counter(c for c in ids if c is not None)
+    if not sizes:
+        return None
+    best = min(sizes, key=lambda c: (-sizes[c], c))
+    return answers[ids.index(best)]
+
+
+def rerank_answer(answers: Sequence[str | None], scores: Sequence[float], top_clusters: int,
+                  equal: Callable[[str, str], bool] = _string_equal) -> str | None:
+    """Solution-cluster re-ranking (Liu et al. 2023): cluster samples by equivalent final answer,
+    keep the `top_clusters` largest clusters (ties: earlier first occurrence), and return the answer
+    of the best-scored sample among them. Score ties go to the larger cluster, then the earlier sample.
+
+    top_clusters=1 is majority voting; top_clusters >= the number of clusters is plain re-ranking.
+    """
+    ids = cluster_answers(answers, equal)
+    sizes = Counter(c for c in ids if c is not None)
+    if not sizes:
+        return None
+    keep = set(sorted(sizes, key=lambda c: (-sizes[c], c))[:top_clusters])
+    candidates = [i for i, c in enumerate(ids) if c in keep]
+    best = min(candidates, key=lambda i: (-scores[i], -sizes[ids[i]], i))
+    return answers[best]
+
+
+def rerank_at_k(answers: Sequence[Sequence[str | None]], scores: Sequence[Sequence[float]], references: Sequence[str],
+                top_clusters: int, equal: Callable[[str, str], bool] = _string_equal) -> float:
+    """Fraction of problems whose re-ranked answer (see `rerank_answer`) equals the reference."""
+    hits = 0
+    for a, s, ref in zip(answers, scores, references):
+        voted = rerank_answer(a, s, top_clusters, equal)
+        hits += voted is not None and equal(voted, ref)
+    return hits / len(references)
 
 
 def maj_at_k(
@@ -93,6 +137,6 @@ def maj_at_k(
     for samples, reference in zip(answers, references):
         if len(samples) < k:
             raise ValueError(f"maj@{k} needs >= {k} samples per problem, got {len(samples)}")
-        voted = majority_answer(samples[:k])
+        voted = majority_answer(samples[:k], equal)
         hits += voted is not None and equal(voted, reference)
     return hits / len(answers)

@@ -161,3 +161,17 @@ def test_extract_answer(text, expected):
 )
 def test_is_correct(completion, answer, expected):
     assert is_correct(completion, answer) is expected
+
+
+def test_step_verifier_rejects_lucky_answers_and_accepts_worked_solutions():
+    from posttrain.verifiers import arithmetic_steps as v
+
+    assert v.extract("2+9=11;11-1=10;10-4=6;#6") == "6"
+    assert v.extract("1-5=-4;-4+3=-1;#-1") == "-1"
+    assert v.extract("7-9=-1;-1+6=4;4+2=6;#6") is None  # two wrong steps cancel: right answer, wrong work
+    assert v.extract("7-9=-2;-1+6=5;5+2=7;#7") is None  # steps do not chain
+    assert v.extract("2+9=11;11-1=10;10-4=6;#7") is None  # answer is not the last result
+    assert v.extract("2+9=11;#11") == "11"
+    for junk in ("", "#6", "2+9=11", "2+9=11;;#11x", "a+b=c;#3"):
+        assert v.extract(junk) is None
+    assert v.equal("6", "+6") and not v.equal("6", "7")

@@ -104,3 +104,20 @@ def test_list_names_stages_algorithms_verifiers_and_recipes():
 def test_bundled_recipes_validate(recipe):
     res = posttrain("validate", f"recipes/{recipe}")
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("recipe", ["rest_em_gsm8k.yaml", "rest_em_math.yaml"])
+def test_gpu_recipes_dry_run_offline(recipe):
+    res = posttrain("run", f"recipes/{recipe}", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "[rest_em]" in res.stdout and "vllm" not in res.stderr
+    assert "sampler actor(s) x 4 CPU, 1 GPU" in res.stdout and "learner actor(s) x 8 CPU, 1 GPU" in res.stdout
+
+
+def test_verify_math_prints_a_json_verdict():
+    res = posttrain("verify", "math", r"so the answer is \boxed{\frac{1}{2}}", "0.5")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["correct"] is True and out["prediction"] == r"\frac{1}{2}"
+    res = posttrain("verify", "math", r"\boxed{4\sqrt{2}}", "4")
+    assert json.loads(res.stdout)["correct"] is False

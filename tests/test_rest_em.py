@@ -27,3 +27,14 @@ def test_one_sample_per_problem_reduces_to_rejection_sampling_fine_tuning():
     finished = [True] * 6
     for cap in (1, 10):
         assert select_verified(problem, comps, correct, finished, cap) == [0, 2, 3, 5]
+
+
+def test_a_verifier_crash_on_one_sample_counts_it_incorrect_and_scores_the_rest(monkeypatch):
+    from posttrain.workers.verifier import VerifierWorker
+
+    worker = VerifierWorker("arithmetic")
+    real = worker.verifier.extract
+    monkeypatch.setattr(worker.verifier, "extract", lambda c: 1 / 0 if c == "boom" else real(c))
+    verdicts = worker.score(["1+1=2;#2", "boom", "2+2=5;#5"], ["2", "2", "4"])
+    assert [v.correct for v in verdicts] == [True, False, False]
+    assert verdicts[1].error.startswith("ZeroDivisionError") and verdicts[0].error is None

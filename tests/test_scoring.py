@@ -107,3 +107,57 @@ def test_maj_at_k_invalid() -> None:
         maj_at_k([["a"]], ["a"], k=2)
     with pytest.raises(ValueError):
         maj_at_k([["a"]], ["a"], k=0)
+
+
+def _num_equal(a: str, b: str) -> bool:
+    from fractions import Fraction
+
+    return Fraction(a) == Fraction(b)
+
+
+def test_clusters_group_equivalent_answers_in_first_occurrence_order():
+    from posttrain.scoring import cluster_answers
+
+    assert cluster_answers(["1/2", "3", "0.5", None, "0.50", "6/2"], _num_equal) == [0, 1, 0, None, 0, 1]
+    assert cluster_answers(["a", "b", "a"]) == [0, 1, 0]
+
+
+def test_majority_votes_over_equivalence_classes():
+    from posttrain.scoring import majority_answer
+
+    # "3" appears twice as a string, but 1/2 == 0.5 == 0.50 is the larger class.
+    assert majority_answer(["3", "1/2", "3", "0.5", "0.50"], _num_equal) == "1/2"
+    assert majority_answer(["3", "1/2", "3", "0.5", "0.50"]) == "3"  # plain string equality
+
+
+def test_rerank_reduces_to_majority_and_to_plain_reranking():
+    from posttrain.scoring import majority_answer, rerank_answer
+
+    answers = ["7", "8", "7", "9", "8", "7", None]
+    scores = [-3.0, -0.5, -2.0, -0.1, -0.4, -9.0, 0.0]
+    # one cluster kept -> the majority answer, whatever the scores
+    assert rerank_answer(answers, scores, top_clusters=1) == majority_answer(answers) == "7"
+    # all clusters -> the single best-scored sample with an answer (the None sample never wins)
+    assert rerank_answer(answers, scores, top_clusters=10) == "9"
+    # top-2 clusters ("7" size 3, "8" size 2): best score among them is "8" (-0.4)
+    assert rerank_answer(answers, scores, top_clusters=2) == "8"
+
+
+def test_rerank_ties_go_to_the_larger_cluster_then_the_earlier_sample():
+    from posttrain.scoring import rerank_answer
+
+    assert rerank_answer(["5", "6", "6"], [-1.0, -1.0, -2.0], top_clusters=2) == "6"  # same score: cluster of 2 wins
+    assert rerank_answer(["5", "6"], [-1.0, -1.0], top_clusters=2) == "5"  # same score and size: earlier sample
+    assert rerank_answer([None, None], [0.0, 0.0], top_clusters=3) is None
+
+
+def test_rerank_at_k_on_hand_built_rollouts():
+    from posttrain.scoring import rerank_at_k
+
+    answers = [["1", "2", "2"], ["4", "4", "5"], [None, "9", "8"]]
+    scores = [[-0.1, -1.0, -2.0], [-5.0, -6.0, -0.1], [0.0, -1.0, -0.5]]
+    refs = ["1", "4", "9"]
+    # all clusters: problem 1 -> "1" (best score) ok; problem 2 -> "5" wrong; problem 3 -> "8" wrong
+    assert rerank_at_k(answers, scores, refs, top_clusters=3) == pytest.approx(1 / 3)
+    # top-1 cluster (majority): "2" wrong, "4" ok, "9" (earliest of the size-1 tie) ok
+    assert rerank_at_k(answers, scores, refs, top_clusters=1) == pytest.approx(2 / 3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from collections.abc import Iterable
 from typing import Any
@@ -46,9 +47,7 @@ def _load_rows(name: str, cfg: DatasetConfig, split: str) -> Iterable[dict[str, 
     assert cfg.path is not None
     path = Path(cfg.path).expanduser()
     where = f"data.{name}.path ({cfg.path})"
-    if cfg.splits:
-        if split not in cfg.splits:
-            raise PosttrainError(f"data.{name}: split {split!r} is not listed under `splits` ({sorted(cfg.splits)})")
+    if split in cfg.splits:  # an explicit file for this split (others may still come from `path`)
         file = Path(cfg.splits[split]).expanduser()
         file = file if file.is_absolute() else path / file
         return _load_file(file, f"data.{name}.splits.{split} ({file})")
@@ -65,12 +64,18 @@ def _load_rows(name: str, cfg: DatasetConfig, split: str) -> Iterable[dict[str, 
     if _looks_local(cfg.path):
         raise PosttrainError(f"{where}: no such file or directory: {path.resolve()}")
     try:  # a hub id
-        return datasets.load_dataset(cfg.path, split=split)
+        return datasets.load_dataset(cfg.path, cfg.subset, split=split)
     except Exception as exc:  # the hub raises many types (connection, not found, offline)
         raise PosttrainError(
             f"{where}: could not load {cfg.path!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
             "With no network, download it elsewhere and point `path` at the local files."
         ) from None
+
+
+def from_hub(cfg: DatasetConfig, split: str) -> bool:
+    """Whether this split would be fetched from the Hugging Face hub (not a task or a local file)."""
+    return cfg.path is not None and split not in cfg.splits and not _looks_local(cfg.path) \
+        and not Path(cfg.path).expanduser().exists()
 
 
 def _looks_local(path: str) -> bool:
@@ -131,7 +136,7 @@ def _normalise(name: str, cfg: DatasetConfig, split: str, rows: Iterable[dict[st
     for i, row in enumerate(rows):
         where = f"row {row.get('_line', i + 1)}"
         try:
-            kept.append(_canonical_row(cfg.format, row, f"{name}-{split}-{i:06d}"))
+            kept.append(_canonical_row(cfg, row, f"{name}-{split}-{i:06d}"))
         except ValueError as exc:
             bad.append(f"{where}: {exc}")
     if bad:
@@ -141,8 +146,40 @@ def _normalise(name: str, cfg: DatasetConfig, split: str, rows: Iterable[dict[st
     return datasets.Dataset.from_list(kept)
 
 
-def _canonical_row(fmt: str, row: dict[str, Any], default_id: str) -> dict[str, Any]:
-    rid = str(row.get("id") or row.get("task_id") or default_id)
+GSM8K_TEMPLATE = "Solve the problem step by step. End with a line '#### <number>'.\n\nQuestion: {question}\nAnswer:"
+MATH_TEMPLATE = "Solve the problem step by step. Put the final answer in \\boxed{{}}.\n\nProblem: {problem}\nSolution:"
+_CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: 2+3=<<2+3=5>>5
+
+
+def _benchmark_row(cfg: DatasetConfig, row: dict[str, Any], rid: str) -> dict[str, Any]:
+    """GSM8K / MATH rows -> prompt (template filled in), completion (worked solution), answer (final)."""
+    if cfg.format == "gsm8k":
+        question, solution = row.get("question"), row.get("answer")
+        if not isinstance(question, str) or not isinstance(solution, str) or "####" not in solution:
+            raise ValueError("a gsm8k row needs 'question' and an 'answer' ending in '#### <number>'")
+        text = (cfg.prompt_template or GSM8K_TEMPLATE).format(question=question.strip())
+        completion = " " + _CALCULATOR.sub("", solution).strip()
+        answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    else:
+        problem, solution = row.get("problem"), row.get("solution")
+        if not isinstance(problem, str) or not isinstance(solution, str):
+            raise ValueError("a math row needs 'problem' and 'solution'")
+        from posttrain.verifiers.math import extract  # the boxed answer of the reference solution
+
+        text = (cfg.prompt_template or MATH_TEMPLATE).format(problem=problem.strip())
+        completion = " " + solution.strip()
+        answer = row.get("answer") or extract(solution)
+        if not answer:
+            raise ValueError("no 'answer' field and no \\boxed{} answer in the solution")
+    messages = json.dumps([{"role": "user", "content": text}]) if cfg.chat else None
+    return {"id": rid, "prompt": text, "completion": completion, "answer": str(answer), "messages": messages}
+
+
+def _canonical_row(cfg: DatasetConfig, row: dict[str, Any], default_id: str) -> dict[str, Any]:
+    fmt = cfg.format
+    rid = str(row.get("id") or row.get("task_id") or row.get("unique_id") or default_id)
+    if fmt in ("gsm8k", "math"):
+        return _benchmark_row(cfg, row, rid)
     answer = row.get("answer")
     answer = None if answer is None else str(answer)
     if fmt == "prompt_completion":

@@ -16,7 +16,7 @@ from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.models.load import load_tokenizer
 from posttrain.recipe.schema import EvalStage, Recipe, SamplingConfig
-from posttrain.scoring import maj_at_k, mean_pass_at_k
+from posttrain.scoring import maj_at_k, mean_pass_at_k, rerank_at_k
 from posttrain.stage import StageContext, StageResult
 from posttrain.verifiers import get_verifier
 from posttrain.tracking import format_metrics, progress
@@ -43,7 +43,7 @@ def run_eval(ctx: StageContext) -> StageResult:
             samplers, verifiers, rows, prompts, verifier_name=data_cfg.verifier,
             greedy_tokens=stage.max_new_tokens if stage.greedy else None, samples=stage.samples,
             pass_k=stage.pass_k, sampling=stage.sampling, batch_size=ctx.recipe.cluster.sampler.batch_size,
-            seed=ctx.recipe.seed, desc=stage.name, samples_dir=ctx.stage_dir)
+            seed=ctx.recipe.seed, desc=stage.name, samples_dir=ctx.stage_dir, rerank_top=stage.rerank_top)
     ctx.log(0, metrics)
     log.info("%s: %s", stage.name, format_metrics(metrics))
     return StageResult(metrics, None)
@@ -62,13 +62,15 @@ def policy_actors(recipe: Recipe, model_path: str, verifier: str) -> Iterator[tu
 
 def evaluate_policy(samplers: list, verifiers: list, rows, prompts: list[list[int]], *, verifier_name: str,
                     greedy_tokens: int | None, samples: int, pass_k: list[int], sampling: SamplingConfig,
-                    batch_size: int, seed: int, desc: str, samples_dir: Path | None = None) -> dict[str, float]:
-    """Greedy pass@1 (when greedy_tokens is set), and with `samples` > 0 the unbiased pass@k and maj@k."""
+                    batch_size: int, seed: int, desc: str, samples_dir: Path | None = None,
+                    rerank_top: int = 0) -> dict[str, float]:
+    """Greedy pass@1 (when greedy_tokens is set), and with `samples` > 0 the unbiased pass@k and maj@k,
+    plus solution-cluster re-ranking accuracy when rerank_top > 0."""
     answers = list(rows["answer"])
     metrics: dict[str, float] = {"problems": float(len(prompts))}
     if greedy_tokens:
         roll = sample(samplers, prompts, 1, greedy(greedy_tokens), batch_size, f"{desc} greedy", seed)
-        verdicts = verify(verifiers, roll, answers)
+        verdicts = verify(verifiers, roll, answers, list(rows["id"]))
         metrics["pass@1"] = sum(v.correct for v in verdicts) / len(verdicts)
         metrics["mean_completion_tokens"] = sum(map(len, roll.completion_ids)) / len(roll.completion_ids)
         metrics["truncated_frac"] = 1.0 - sum(roll.finished) / len(roll.finished)
@@ -77,7 +79,7 @@ def evaluate_policy(samplers: list, verifiers: list, rows, prompts: list[list[in
     if samples:
         n = samples
         roll = sample(samplers, prompts, n, sampling, batch_size, f"{desc} sample x{n}", seed)
-        verdicts = verify(verifiers, roll, answers)
+        verdicts = verify(verifiers, roll, answers, list(rows["id"]))
         correct = [[v.correct for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
         voted = [[v.answer for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
         equal = get_verifier(verifier_name).equal
@@ -85,6 +87,11 @@ def evaluate_policy(samplers: list, verifiers: list, rows, prompts: list[list[in
             key = "pass@1_sampled" if (k == 1 and greedy_tokens) else f"pass@{k}"
             metrics[key] = mean_pass_at_k(correct, k)
             metrics[f"maj@{k}"] = maj_at_k(voted, answers, k, equal=equal)
+        if rerank_top:
+            # Scorer: the policy's own likelihood, length-normalised so short and long solutions compare.
+            scores = [sum(lp) / max(1, len(lp)) for lp in roll.logprobs]
+            per_problem = [scores[i * n : (i + 1) * n] for i in range(len(prompts))]
+            metrics[f"rerank@{n}"] = rerank_at_k(voted, per_problem, answers, rerank_top, equal)
         if samples_dir is not None:
             write_samples(samples_dir / f"samples_sampled{n}.jsonl", rows, roll, verdicts)
     return metrics
@@ -120,23 +127,27 @@ def sample(samplers: list, prompts: list[list[int]], n: int, params: SamplingCon
     return out
 
 
-def verify(verifiers: list, roll: Rollouts, answers: list[str]) -> list[Verdict]:
+def verify(verifiers: list, roll: Rollouts, answers: list[str], ids: list[str] | None = None) -> list[Verdict]:
+    """Verdicts in rollout order; verifier errors and timeouts count as incorrect and are logged by sample id."""
     refs = [answers[i] for i in roll.prompt_index]
     size = -(-len(refs) // len(verifiers))
     calls = [v.score.remote(roll.text[i : i + size], refs[i : i + size]) for v, i in zip(verifiers, range(0, len(refs), size))]
     verdicts = [v for part in gather(calls) for v in part]
     for i, v in enumerate(verdicts):
         if v.error:
-            log.warning("verifier error on problem %d: %s", roll.prompt_index[i], v.error)
+            p = roll.prompt_index[i]
+            log.warning("verifier error on %s (sample %d): %s", ids[p] if ids else f"problem {p}", i % roll.n, v.error)
     return verdicts
 
 
-def write_samples(path: Path, rows, roll: Rollouts, verdicts: list[Verdict]) -> None:
-    """Every completion with its verdict, for reading what the model actually wrote."""
+def write_samples(path: Path, rows, roll: Rollouts, verdicts: list[Verdict], kept: set[int] | None = None) -> None:
+    """Every completion with its verdict (and, for an E-step, whether it was kept), for reading what the model wrote."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        for i, text, v, done in zip(roll.prompt_index, roll.text, verdicts, roll.finished):
+        for j, (i, text, v, done) in enumerate(zip(roll.prompt_index, roll.text, verdicts, roll.finished)):
             row = rows[i]
-            fh.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "completion": text, "answer": v.answer,
-                                 "reference": row["answer"], "correct": v.correct, "finished": done,
-                                 "error": v.error}) + "\n")
+            record = {"id": row["id"], "prompt": row["prompt"], "completion": text, "answer": v.answer,
+                      "reference": row["answer"], "correct": v.correct, "finished": done, "error": v.error}
+            if kept is not None:
+                record["kept"] = j in kept
+            fh.write(json.dumps(record) + "\n")

@@ -24,8 +24,10 @@ from posttrain.loops.evaluate import evaluate_policy, policy_actors, sample, ver
 from posttrain.loops.supervised import train_examples
 from posttrain.models.load import load_tokenizer
 from posttrain.recipe.schema import RestEMStage
+from posttrain.scoring import maj_at_k
 from posttrain.stage import StageContext, StageResult
 from posttrain.tracking import format_metrics
+from posttrain.verifiers import get_verifier
 
 log = logging.getLogger(__name__)
 TABLE = "iterations.json"
@@ -39,60 +41,42 @@ def run_rest_em(ctx: StageContext) -> StageResult:
     if len(pool) == 0 or any(a is None for a in pool["answer"]):
         raise PosttrainError(f"stage {stage.name!r}: {stage.data}:{stage.train_split} needs rows with an `answer`")
     pool_prompts = [encode_prompt(tok, row) for row in pool]
-    pool_answers = list(pool["answer"])
-    test = load_split(stage.data, data_cfg, stage.eval_split) if stage.eval_split else None
+    pool_answers, pool_ids = list(pool["answer"]), list(pool["id"])
+    eval_name = stage.eval_data or stage.data
+    test = load_split(eval_name, ctx.recipe.data[eval_name], stage.eval_split) if stage.eval_split else None
     if test is not None and stage.eval_max_problems:
         test = test.select(range(min(stage.eval_max_problems, len(test))))
     test_prompts = [encode_prompt(tok, row) for row in test] if test is not None else []
 
     base, table = ctx.model_path, _load_table(ctx) if ctx.resume else []
     policy = table[-1]["checkpoint"] if table else base
-    batch = ctx.recipe.cluster.sampler.batch_size
-    for it in range(len(table), stage.iterations + 1):
+    batch, seed = ctx.recipe.cluster.sampler.batch_size, ctx.recipe.seed
+    for it in range(len(table), stage.iterations + 1):  # iteration 0 is the input model; the last one only evaluates
         t0 = time.perf_counter()
         row: dict = {"iteration": it}
         with policy_actors(ctx.recipe, policy, data_cfg.verifier) as (samplers, verifiers):
             if test is not None:
-                m = evaluate_policy(samplers, verifiers, test, test_prompts, verifier_name=data_cfg.verifier,
+                m = evaluate_policy(samplers, verifiers, test, test_prompts, verifier_name=ctx.recipe.data[eval_name].verifier,
                                     greedy_tokens=stage.eval_sampling.max_new_tokens, samples=stage.eval_samples,
                                     pass_k=sorted({1, stage.eval_samples}) if stage.eval_samples else [],
-                                    sampling=stage.eval_sampling, batch_size=batch, seed=ctx.recipe.seed,
+                                    sampling=stage.eval_sampling, batch_size=batch, seed=seed,
                                     desc=f"{stage.name} eval it{it}")
                 row.update({f"test_{k}": v for k, v in m.items() if k != "problems"})
-            if it < stage.iterations:
-                idx = _problems_for(it, len(pool), stage.problems_per_iteration, ctx.recipe.seed)
-                K = stage.samples_per_problem
-                roll = sample(samplers, [pool_prompts[i] for i in idx], K, stage.sampling, batch,
-                              f"{stage.name} E-step {it + 1}", seed=ctx.recipe.seed + 7919 * (it + 1))
-                verdicts = verify(verifiers, roll, [pool_answers[i] for i in idx])
-        if it == stage.iterations:
-            row["checkpoint"] = policy
-            row["wall_s"] = round(time.perf_counter() - t0, 1)
-            table.append(row)
-            _save_table(ctx, table)
-            _log_row(ctx, row)
-            break
-
-        correct = [v.correct for v in verdicts]
-        kept = select_verified(roll.prompt_index, [tuple(c) for c in roll.completion_ids], correct, roll.finished,
-                               stage.max_per_problem)
-        write_samples(ctx.stage_dir / f"iter-{it + 1}" / "e_step_samples.jsonl", pool.select(idx), roll, verdicts)
-        solved = {roll.prompt_index[i] for i, ok in enumerate(correct) if ok}
-        row.update({"train_pass@1": float(np.mean(correct)), f"train_pass@{K}": len(solved) / len(idx),
-                    "problems_sampled": len(idx), "kept": len(kept), "problems_kept": len({roll.prompt_index[i] for i in kept})})
-        if not kept:
-            raise PosttrainError(f"stage {stage.name!r}: iteration {it + 1} kept no verified sample; the policy solves "
-                                 "none of the problems (train more SFT first, or raise samples_per_problem)")
-        examples = [Example(pool_prompts[idx[roll.prompt_index[i]]] + roll.completion_ids[i],
-                            len(pool_prompts[idx[roll.prompt_index[i]]])) for i in kept]
-        # M-step: the paper fine-tunes the base model every iteration (less overfitting, better transfer).
-        start = base if stage.from_base else policy
-        result = train_examples(ctx, start, examples, [], stage.m_step, ctx.stage_dir / f"iter-{it + 1}" / "checkpoints",
-                                resume=False, pad_id=tok.pad_token_id, log_prefix=f"iter{it + 1}/")
-        policy = result.checkpoint
-        row.update({"m_step_loss": result.metrics.get("train_loss"), "m_step_start": start,
-                    "m_step_start_digest": result.details["start_digest"], "checkpoint": policy,
-                    "wall_s": round(time.perf_counter() - t0, 1)})
+            if it < stage.iterations:  # E-step: K samples per problem from the current policy, verified
+                idx = _problems_for(it, len(pool), stage.problems_per_iteration, seed)
+                roll = sample(samplers, [pool_prompts[i] for i in idx], stage.samples_per_problem, stage.sampling,
+                              batch, f"{stage.name} E-step {it + 1}", seed=seed + 7919 * (it + 1))
+                verdicts = verify(verifiers, roll, [pool_answers[i] for i in idx], [pool_ids[i] for i in idx])
+        if it < stage.iterations:
+            examples = _kept_examples(ctx, it, row, pool.select(idx), [pool_prompts[i] for i in idx], roll, verdicts)
+            # M-step: the paper fine-tunes the base model every iteration (less overfitting, better transfer).
+            start = base if stage.from_base else policy
+            result = train_examples(ctx, start, examples, [], stage.m_step, ctx.stage_dir / f"iter-{it + 1}" / "checkpoints",
+                                    resume=False, pad_id=tok.pad_token_id, log_prefix=f"iter{it + 1}/")
+            policy = result.checkpoint
+            row.update({"m_step_loss": result.metrics.get("train_loss"), "m_step_start": start,
+                        "m_step_start_digest": result.details["start_digest"]})
+        row.update({"checkpoint": policy, "wall_s": round(time.perf_counter() - t0, 1)})
         table.append(row)
         _save_table(ctx, table)
         _log_row(ctx, row)
@@ -103,6 +87,32 @@ def run_rest_em(ctx: StageContext) -> StageResult:
         metrics["test_pass@1_gain"] = final["test_pass@1"] - table[0]["test_pass@1"]
     metrics["kept_total"] = float(sum(r.get("kept", 0) for r in table))
     return StageResult(metrics, policy, {"iterations": table})
+
+
+def _kept_examples(ctx: StageContext, it: int, row: dict, rows, prompts: list[list[int]], roll, verdicts) -> list[Example]:
+    """The E-step's filter: verified, finished, de-duplicated and capped samples as training examples.
+
+    Records the iteration's E-step statistics in `row` and every sample (with its `kept` flag) on disk.
+    """
+    stage: RestEMStage = ctx.stage
+    correct = [v.correct for v in verdicts]
+    kept = select_verified(roll.prompt_index, [tuple(c) for c in roll.completion_ids], correct, roll.finished,
+                           stage.max_per_problem)
+    write_samples(ctx.stage_dir / f"iter-{it + 1}" / "e_step_samples.jsonl", rows, roll, verdicts, set(kept))
+    solved = {roll.prompt_index[i] for i, ok in enumerate(correct) if ok}
+    K = stage.samples_per_problem
+    voted = [[v.answer for v in verdicts[p * K : (p + 1) * K]] for p in range(len(prompts))]
+    equal = get_verifier(ctx.recipe.data[stage.data].verifier).equal
+    row.update({"train_pass@1": float(np.mean(correct)), f"train_pass@{K}": len(solved) / len(prompts),
+                f"train_maj@{K}": maj_at_k(voted, list(rows["answer"]), K, equal),
+                "problems_sampled": len(prompts), "kept": len(kept),
+                "problems_kept": len({roll.prompt_index[i] for i in kept})})
+    if not kept:
+        raise PosttrainError(f"stage {stage.name!r}: iteration {it + 1} kept no verified sample; the policy solves "
+                             "none of the problems (train more SFT first, or raise samples_per_problem)")
+    # Prompt tokens carry no loss: the M-step learns the solution given the problem.
+    return [Example(prompts[roll.prompt_index[i]] + roll.completion_ids[i], len(prompts[roll.prompt_index[i]]))
+            for i in kept]
 
 
 def _problems_for(it: int, n: int, per_iteration: int | None, seed: int) -> list[int]:

@@ -57,14 +57,19 @@ class DatasetConfig:
     task: Literal["arithmetic"] | None = None
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     path: str | None = None  # local jsonl/parquet file or directory, or a hub id
-    format: Literal["prompt_completion", "messages"] = "prompt_completion"
-    splits: dict[str, str] = field(default_factory=dict)  # split -> file, for local files
+    subset: str | None = None  # hub dataset configuration (e.g. "main" for openai/gsm8k)
+    # prompt_completion / messages: generic rows. gsm8k (question, answer ending in "#### n") and
+    # math (problem, solution with \boxed{}, optional answer): real benchmarks mapped to prompt/completion/answer.
+    format: Literal["prompt_completion", "messages", "gsm8k", "math"] = "prompt_completion"
+    prompt_template: str | None = None  # gsm8k/math: "{question}" / "{problem}" filled in; None: a built-in one
+    chat: bool = False  # gsm8k/math: render the prompt as a user turn with the tokenizer's chat template
+    splits: dict[str, str] = field(default_factory=dict)  # split -> file (absolute, or relative to path)
     max_rows: int | None = None  # per split, after loading (handy for smoke runs)
-    verifier: Literal["arithmetic"] | None = None  # answer checker; a built-in task brings its own
+    verifier: Literal["arithmetic", "arithmetic_steps", "math"] | None = None  # answer checker; tasks and benchmarks bring their own
 
     def __post_init__(self) -> None:
-        if self.verifier is None and self.task is not None:
-            self.verifier = self.task
+        if self.verifier is None:
+            self.verifier = self.task or {"gsm8k": "math", "math": "math"}.get(self.format)
 
     def problems(self) -> Problems:
         out: Problems = []
@@ -244,9 +249,15 @@ class EvalStage:
     pass_k: list[int] = field(default_factory=lambda: [1])
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_new_tokens: int = 64  # for greedy decoding
+    # Solution-cluster re-ranking (Liu et al. 2023) over the samples: keep the `rerank_top` largest answer
+    # clusters and pick the best-scored solution among them (0 disables).
+    rerank_top: int = 0
+    rerank_scorer: Literal["likelihood"] = "likelihood"  # the policy's own mean token log-probability
 
     def problems(self) -> Problems:
         out: Problems = []
+        if self.rerank_top < 0 or (self.rerank_top and not self.samples):
+            out.append(("rerank_top", "re-ranking needs samples >= 1 (and rerank_top >= 1)"))
         if not self.greedy and self.samples == 0:
             out.append(("samples", "nothing to evaluate: set greedy: true or samples >= 1"))
         bad = [k for k in self.pass_k if k < 1 or (self.samples and k > self.samples)]
@@ -285,6 +296,7 @@ class RestEMStage:
     model: str | None = None
     train_split: str = "pool"  # problems with a final answer only; solutions come from the policy
     eval_split: str | None = "test"
+    eval_data: str | None = None  # held-out problems from another dataset (default: `data`)
     iterations: int = 2
     samples_per_problem: int = 4  # K
     max_per_problem: int = 10  # cap on kept solutions per problem (paper: 10)
@@ -361,6 +373,8 @@ class Recipe:
             if stage.model and stage.model.startswith("@") and stage.model[1:] not in seen - {name}:
                 out.append((f"stages.{i}.model", f"{stage.model!r} must name an earlier stage (e.g. '@sft') whose "
                                                  "checkpoint this stage starts from"))
+            if getattr(stage, "eval_data", None) and stage.eval_data not in self.data:
+                out.append((f"stages.{i}.eval_data", f"unknown dataset {stage.eval_data!r}"))
             if stage.data not in self.data:
                 known = ", ".join(sorted(self.data)) or "none"
                 out.append((f"stages.{i}.data", f"unknown dataset {stage.data!r} (defined under data: {known})"))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-VERIFIERS = {"arithmetic": "posttrain.verifiers.arithmetic", "math": "posttrain.verifiers.math"}
+VERIFIERS = {"arithmetic": "posttrain.verifiers.arithmetic", "arithmetic_steps": "posttrain.verifiers.arithmetic_steps", "math": "posttrain.verifiers.math"}
 VERIFIER_DESCRIPTIONS = {
     "arithmetic": "integer final answer after the last '#' (the synthetic arithmetic task)",
+    "arithmetic_steps": "the arithmetic answer, and every worked step 'a+b=c' valid and chained (no lucky answers)",
     "math": "last \\boxed{}, '#### n' or 'the answer is ...', compared with math-verify (GSM8K, MATH)",
 }
 

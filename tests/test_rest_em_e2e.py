@@ -1,0 +1,62 @@
+"""ReST-EM through the real CLI on an easy arithmetic task: filter, cap, M-step start, per-iteration table."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+
+from cli_helpers import posttrain, small_recipe, write
+
+pytestmark = pytest.mark.slow
+
+
+def test_rest_em_keeps_verified_capped_samples_and_restarts_each_m_step_from_base(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.data.tasks.arithmetic import is_correct
+    from posttrain.models.load import weights_digest
+
+    recipe = small_recipe(tmp_path, tiny_model)
+    recipe["data"] = {"arith": {"task": "arithmetic", "arithmetic": {"n_operands": 2, "max_operand": 4, "n_sft": 24,
+                                                                     "n_pool": 16, "n_test": 10}}}
+    recipe["stages"] = [
+        {"kind": "sft", "data": "arith", "train_split": "sft", "steps": 60, "batch_size": 8, "micro_batch_size": 2,
+         "max_length": 32, "optim": {"lr": 5e-3, "warmup_steps": 5}, "save_every": 60, "log_every": 20},
+        {"kind": "rest_em", "data": "arith", "train_split": "pool", "eval_split": "test", "iterations": 2,
+         "samples_per_problem": 6, "max_per_problem": 2, "sampling": {"temperature": 1.0, "max_new_tokens": 20},
+         "m_step": {"steps": 6, "batch_size": 8, "micro_batch_size": 2, "max_length": 32, "log_every": 3},
+         "eval_samples": 2, "eval_sampling": {"temperature": 1.0, "max_new_tokens": 20}},
+    ]
+    res = posttrain("run", str(write(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    summary = json.loads((run / "summary.json").read_text())
+    sft, rest = summary["stages"]
+    table = rest["details"]["iterations"]
+    assert [r["iteration"] for r in table] == [0, 1, 2]
+    assert all("test_pass@1" in r and "test_maj@2" in r for r in table)
+
+    base_digest = weights_digest(AutoModelForCausalLM.from_pretrained(sft["checkpoint"]))
+    for it, row in enumerate(table[:-1], start=1):
+        # The M-step started from the SFT checkpoint's weights (paper default: fine-tune the base each iteration).
+        assert row["m_step_start"] == sft["checkpoint"] and row["m_step_start_digest"] == base_digest
+        samples = [json.loads(l) for l in (run / "rest_em" / f"iter-{it}" / "e_step_samples.jsonl").read_text().splitlines()]
+        assert len(samples) == 16 * 6 and row["kept"] == sum(s["kept"] for s in samples) > 0
+        # Kept = exactly the verified, finished samples (checked again here), de-duplicated and capped per problem.
+        by_problem = defaultdict(list)
+        for s in samples:
+            assert s["correct"] == is_correct(s["completion"], s["reference"])
+            by_problem[s["id"]].append(s)
+        for rows in by_problem.values():
+            expected, seen = [], set()
+            for s in rows:
+                if s["correct"] and s["finished"] and s["completion"] not in seen and len(seen) < 2:
+                    seen.add(s["completion"])
+                    expected.append(True)
+                else:
+                    expected.append(False)
+            assert [s["kept"] for s in rows] == expected
+    assert rest["checkpoint"] == table[-1]["checkpoint"] == table[-2]["checkpoint"]
+    assert "<h3>Iterations</h3>" in (run / "report.html").read_text()
