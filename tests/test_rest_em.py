@@ -38,3 +38,22 @@ def test_a_verifier_crash_on_one_sample_counts_it_incorrect_and_scores_the_rest(
     verdicts = worker.score(["1+1=2;#2", "boom", "2+2=5;#5"], ["2", "2", "4"])
     assert [v.correct for v in verdicts] == [True, False, False]
     assert verdicts[1].error.startswith("ZeroDivisionError") and verdicts[0].error is None
+
+
+def test_math_verifier_actor_times_out_a_hanging_check_and_scores_the_rest(ray_local):
+    """The math verifier's hard timeout holds inside a Ray worker (no signals there: checks run in child processes)."""
+    import time
+
+    import ray
+
+    from posttrain.cluster import Demand, spawn
+    from posttrain.workers.verifier import VerifierWorker
+
+    with spawn(VerifierWorker, Demand("verifier", 1, 0.5, 0.0), [("math",)]) as (worker,):
+        completions = [r"so \boxed{\frac{1}{2}}", r"\boxed{9^{9^{9^{9}}}}", r"\boxed{3}", "no answer here"]
+        t0 = time.time()
+        verdicts = ray.get(worker.score.remote(completions, ["0.5", "1", "4", "2"]), timeout=120)
+        elapsed = time.time() - t0
+    assert [v.correct for v in verdicts] == [True, False, False, False]
+    assert verdicts[1].error == "timeout" and verdicts[0].error is None
+    assert elapsed < 60
