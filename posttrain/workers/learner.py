@@ -152,9 +152,6 @@ class LearnerWorker:
                 state.setdefault(name, buf.detach().cpu().clone())
         return state
 
-    def ping(self) -> int:
-        return self.rank
-
 
 def _gathered(p: torch.Tensor):
     import deepspeed

@@ -8,7 +8,7 @@ quantity learners recompute, so the two can be compared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +27,6 @@ class Rollouts:
     finished: list[bool]  # stopped at eos (False: hit max_new_tokens)
     version: int  # weights version used
     n: int = 1
-    stats: dict[str, float] = field(default_factory=dict)
 
 
 def greedy(max_new_tokens: int) -> SamplingConfig:
@@ -97,9 +96,6 @@ class SamplerWorker:
             done.append(tok.eos_token_id in row)
         return ids_out, lps_out, done
 
-    def ping(self) -> int:
-        return self.version
-
 
 class VLLMSamplerWorker:
     """The same interface on vLLM (GPU). Needs the `posttrain[vllm]` extra.
@@ -157,9 +153,6 @@ class VLLMSamplerWorker:
                 out.text.append(seq.text)
                 out.finished.append(bool(ids) and ids[-1] == eos)
         return out
-
-    def ping(self) -> int:
-        return self.version
 
 
 SAMPLER_BACKENDS = {"hf": SamplerWorker, "vllm": VLLMSamplerWorker}
