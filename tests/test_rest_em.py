@@ -57,3 +57,17 @@ def test_math_verifier_actor_times_out_a_hanging_check_and_scores_the_rest(ray_l
     assert [v.correct for v in verdicts] == [True, False, False, False]
     assert verdicts[1].error == "timeout" and verdicts[0].error is None
     assert elapsed < 60
+
+
+def test_driver_side_answer_comparison_cannot_hang():
+    import time
+
+    from posttrain.scoring import majority_answer
+    from posttrain.verifiers import answer_equal
+
+    equal = answer_equal("math")
+    t0 = time.time()
+    # The second answer sends sympy into a near-endless evaluation; it must time out, not block voting.
+    assert majority_answer([r"\frac{1}{2}", r"9^{9^{9^{9}}}", "0.5"], equal) == r"\frac{1}{2}"
+    assert time.time() - t0 < 30
+    assert answer_equal("arithmetic")("6", "+6")

@@ -18,7 +18,7 @@ from posttrain.models.load import load_tokenizer
 from posttrain.recipe.schema import EvalStage, Recipe, SamplingConfig
 from posttrain.scoring import maj_at_k, mean_pass_at_k, rerank_at_k
 from posttrain.stage import StageContext, StageResult
-from posttrain.verifiers import get_verifier
+from posttrain.verifiers import answer_equal
 from posttrain.tracking import format_metrics, progress
 from posttrain.workers.sampler import SAMPLER_BACKENDS, Rollouts, greedy
 from posttrain.workers.verifier import Verdict, VerifierWorker
@@ -82,7 +82,7 @@ def evaluate_policy(samplers: list, verifiers: list, rows, prompts: list[list[in
         verdicts = verify(verifiers, roll, answers, list(rows["id"]))
         correct = [[v.correct for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
         voted = [[v.answer for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
-        equal = get_verifier(verifier_name).equal
+        equal = answer_equal(verifier_name)
         for k in pass_k:
             key = "pass@1_sampled" if (k == 1 and greedy_tokens) else f"pass@{k}"
             metrics[key] = mean_pass_at_k(correct, k)

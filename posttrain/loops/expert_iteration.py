@@ -27,7 +27,7 @@ from posttrain.recipe.schema import RestEMStage
 from posttrain.scoring import maj_at_k
 from posttrain.stage import StageContext, StageResult
 from posttrain.tracking import format_metrics
-from posttrain.verifiers import get_verifier
+from posttrain.verifiers import answer_equal
 
 log = logging.getLogger(__name__)
 TABLE = "iterations.json"
@@ -102,7 +102,7 @@ def _kept_examples(ctx: StageContext, it: int, row: dict, rows, prompts: list[li
     solved = {roll.prompt_index[i] for i, ok in enumerate(correct) if ok}
     K = stage.samples_per_problem
     voted = [[v.answer for v in verdicts[p * K : (p + 1) * K]] for p in range(len(prompts))]
-    equal = get_verifier(ctx.recipe.data[stage.data].verifier).equal
+    equal = answer_equal(ctx.recipe.data[stage.data].verifier)
     row.update({"train_pass@1": float(np.mean(correct)), f"train_pass@{K}": len(solved) / len(prompts),
                 f"train_maj@{K}": maj_at_k(voted, list(rows["answer"]), K, equal),
                 "problems_sampled": len(prompts), "kept": len(kept),

@@ -20,3 +20,9 @@ VERIFIER_DESCRIPTIONS = {
 
 def get_verifier(name: str) -> ModuleType:
     return importlib.import_module(VERIFIERS[name])
+
+
+def answer_equal(name: str):
+    """Answer equivalence for the driver's voting and re-ranking: the verifier's hang-safe form when it has one."""
+    module = get_verifier(name)
+    return getattr(module, "safe_equal", module.equal)

@@ -338,3 +338,9 @@ def verify_cli(prediction: str, reference: str) -> dict[str, Any]:
     """`posttrain verify math PREDICTION REFERENCE`: both may be bare answers or full solutions."""
     with MathChecker(workers=1) as checker:
         return _verdict_dict(reference_answer(prediction), reference_answer(reference), 5.0, checker)
+
+
+def safe_equal(a: str, b: str, timeout_s: float = 5.0) -> bool:
+    """`equal` under the hard timeout, for comparisons made in the driver (majority voting, re-ranking):
+    a pathological answer such as 9^{9^{9^{9}}} counts as unequal instead of hanging the run."""
+    return default_checker().equal_many([(a, b)], timeout_s)[0][0]
