@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import defaultdict
 
 import pytest
 
-from cli_helpers import posttrain, small_recipe, write
+from cli_helpers import REPO, posttrain, small_recipe, write
 
 pytestmark = pytest.mark.slow
 
 
-def test_rest_em_keeps_verified_capped_samples_and_restarts_each_m_step_from_base(tmp_path, tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    from posttrain.data.tasks.arithmetic import is_correct
-    from posttrain.models.load import weights_digest
-
+def _rest_em_recipe(tmp_path, tiny_model) -> dict:
     recipe = small_recipe(tmp_path, tiny_model)
     recipe["data"] = {"arith": {"task": "arithmetic", "arithmetic": {"n_operands": 2, "max_operand": 4, "n_sft": 24,
                                                                      "n_pool": 16, "n_test": 10}}}
@@ -29,7 +29,16 @@ def test_rest_em_keeps_verified_capped_samples_and_restarts_each_m_step_from_bas
          "m_step": {"steps": 6, "batch_size": 8, "micro_batch_size": 2, "max_length": 32, "log_every": 3},
          "eval_samples": 2, "eval_sampling": {"temperature": 1.0, "max_new_tokens": 20}},
     ]
-    res = posttrain("run", str(write(tmp_path, recipe)))
+    return recipe
+
+
+def test_rest_em_keeps_verified_capped_samples_and_restarts_each_m_step_from_base(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.data.tasks.arithmetic import is_correct
+    from posttrain.models.load import weights_digest
+
+    res = posttrain("run", str(write(tmp_path, _rest_em_recipe(tmp_path, tiny_model))))
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "runs" / "t"
     summary = json.loads((run / "summary.json").read_text())
@@ -60,3 +69,28 @@ def test_rest_em_keeps_verified_capped_samples_and_restarts_each_m_step_from_bas
             assert [s["kept"] for s in rows] == expected
     assert rest["checkpoint"] == table[-1]["checkpoint"] == table[-2]["checkpoint"]
     assert "<h3>Iterations</h3>" in (run / "report.html").read_text()
+
+
+def test_rest_em_resumes_after_the_last_finished_iteration(tmp_path, tiny_model):
+    path = write(tmp_path, _rest_em_recipe(tmp_path, tiny_model))
+    assert posttrain("run", str(path), "name=straight").returncode == 0
+
+    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path), "name=killed"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    table = tmp_path / "runs" / "killed" / "rest_em" / "iterations.json"
+    deadline = time.time() + 300
+    while not (table.exists() and len(json.loads(table.read_text())) == 1):  # iteration 0 (with M-step 1) finished
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first iteration finished"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = json.loads(table.read_text())
+
+    res = posttrain("run", str(path), "name=killed", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = json.loads((tmp_path / "runs" / "killed" / "summary.json").read_text())["stages"][1]["details"]["iterations"]
+    straight = json.loads((tmp_path / "runs" / "straight" / "summary.json").read_text())["stages"][1]["details"]["iterations"]
+    assert resumed[:1] == before  # the finished iteration was kept, not redone
+    numbers = lambda rows: [{k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "wall_s"} for r in rows]
+    assert numbers(resumed) == numbers(straight)  # and the run ends exactly where an uninterrupted one does
