@@ -15,7 +15,13 @@ EXIT_USER_ERROR = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after flags (`run r.yaml --resume seed=3`): collect the stray key=value ones.
+    args, extra = parser.parse_known_args(argv)
+    strays = [t for t in extra if "=" in t and not t.startswith("-")]
+    if len(strays) != len(extra) or (strays and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(t for t in extra if t not in strays) or ' '.join(extra)}")
+    if strays:
+        args.overrides = [*args.overrides, *strays]
     logging.basicConfig(level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
                         format="posttrain: %(message)s")
     try:

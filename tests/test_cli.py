@@ -121,3 +121,14 @@ def test_verify_math_prints_a_json_verdict():
     assert out["correct"] is True and out["prediction"] == r"\frac{1}{2}"
     res = posttrain("verify", "math", r"\boxed{4\sqrt{2}}", "4")
     assert json.loads(res.stdout)["correct"] is False
+
+
+def test_overrides_may_follow_flags(tmp_path, tiny_model):
+    path = str(write(tmp_path, small_recipe(tmp_path, tiny_model)))
+    res = posttrain("run", path, "--dry-run", "stages.sft.steps=7", "seed=3")
+    assert res.returncode == 0, res.stderr
+    assert "7 steps x 8 sequences" in res.stdout
+    res = posttrain("run", path, "--resume", "name=never-ran")
+    assert res.returncode == 2 and "nothing to resume" in res.stderr and "never-ran" in res.stderr
+    res = posttrain("run", path, "--bogus")
+    assert res.returncode == 2 and "unrecognized arguments: --bogus" in res.stderr
