@@ -143,11 +143,11 @@ def verify(verifiers: list, roll: Rollouts, answers: list[str], ids: list[str] |
 def write_samples(path: Path, rows, roll: Rollouts, verdicts: list[Verdict], kept: set[int] | None = None) -> None:
     """Every completion with its verdict (and, for an E-step, whether it was kept), for reading what the model wrote."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    ids, prompts, refs = rows["id"], rows["prompt"], rows["answer"]  # columns once, not a Dataset lookup per sample
     with open(path, "w") as fh:
         for j, (i, text, v, done) in enumerate(zip(roll.prompt_index, roll.text, verdicts, roll.finished)):
-            row = rows[i]
-            record = {"id": row["id"], "prompt": row["prompt"], "completion": text, "answer": v.answer,
-                      "reference": row["answer"], "correct": v.correct, "finished": done, "error": v.error}
+            record = {"id": ids[i], "prompt": prompts[i], "completion": text, "answer": v.answer,
+                      "reference": refs[i], "correct": v.correct, "finished": done, "error": v.error}
             if kept is not None:
                 record["kept"] = j in kept
             fh.write(json.dumps(record) + "\n")
