@@ -428,6 +428,24 @@ def kill_uid(uid: int | None) -> None:
     os.waitpid(pid, 0)
 
 
+def end_everything(isolated: bool, uids: list[int | None]) -> None:
+    """Before the verdict leaves: no process of this execution is left (background ones included)."""
+    if not isolated:
+        for uid in uids:
+            kill_uid(uid)
+    while True:
+        if isolated:  # PID 1: kill(-1) reaches every other process in the namespace; orphans are ours to reap
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            if os.waitpid(-1, 0 if isolated else os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+
+
 # ----------------------------------------------------------------------------- one execution
 
 
@@ -529,7 +547,7 @@ def execute(conn: socket.socket, root: str, isolated: bool, c0_pid: int) -> dict
         else:
             result = _execute_stdio(conn, request, limits, cand_uid, out)
     finally:
-        kill_uid(cand_uid)
+        end_everything(isolated, [cand_uid, check_uid])
         if workdir:
             import shutil
 
