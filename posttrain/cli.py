@@ -56,11 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_run)
     sp = sub.add_parser("list", help="stage kinds, algorithms, verifiers and bundled recipes")
     sp.set_defaults(func=_list)
-    sp = sub.add_parser("verify", help="check one answer with a verifier and print the verdict as JSON")
-    sp.add_argument("verifier", choices=["math"], help="which verifier")
-    sp.add_argument("prediction", help="model output (a bare answer or a full solution)")
-    sp.add_argument("reference", help="reference answer (or a full reference solution)")
-    sp.set_defaults(func=_verify)
+    sp = sub.add_parser("verify", help="check one answer or program with a verifier and print the verdict as JSON")
+    vsub = sp.add_subparsers(dest="verifier", required=True, metavar="{math,code}")
+    vp = vsub.add_parser("math", help="a math answer against a reference answer")
+    vp.add_argument("prediction", help="model output (a bare answer or a full solution)")
+    vp.add_argument("reference", help="reference answer (or a full reference solution)")
+    vp.set_defaults(func=_verify_math)
+    vp = vsub.add_parser("code", help="a program against HumanEval-style tests, in the sandbox")
+    vp.add_argument("--program", required=True, help="Python file defining the function under test")
+    vp.add_argument("--tests", required=True, help="Python file defining check(candidate)")
+    vp.add_argument("--entry", required=True, help="name of the function under test")
+    vp.add_argument("--timeout", type=float, default=10.0, help="seconds for the tests (default 10)")
+    vp.set_defaults(func=_verify_code)
     sp = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (LoRA merged into the base)")
     sp.add_argument("checkpoint", help="checkpoint directory (full model or peft adapter)")
     sp.add_argument("out", help="output directory (must not exist)")
@@ -136,10 +143,30 @@ def _first_comment(path: Path) -> str:
     return ""
 
 
-def _verify(args) -> int:
+def _verify_math(args) -> int:
     from posttrain.verifiers.math import verify_cli
 
     print(json.dumps(verify_cli(args.prediction, args.reference)))
+    return 0
+
+
+def _verify_code(args) -> int:
+    """Exit 0 whenever the sandbox worked, whatever the verdict ("passed" in the JSON); 2 on bad input."""
+    from posttrain.verifiers.code import verify_cli
+    from posttrain.verifiers.sandbox import Limits, SandboxError
+
+    for flag, path in (("--program", args.program), ("--tests", args.tests)):
+        if not Path(path).is_file():
+            raise PosttrainError(f"{flag} {path}: no such file")
+    if not args.entry.isidentifier():
+        raise PosttrainError(f"--entry {args.entry!r} is not a Python identifier")
+    limits = Limits(test_seconds=args.timeout, cpu_seconds=max(1, int(args.timeout) + 1))
+    try:
+        result = verify_cli(args.program, args.tests, args.entry, limits)
+    except SandboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
     return 0
 
 

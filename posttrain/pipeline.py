@@ -17,6 +17,7 @@ from typing import Any
 from posttrain.errors import PosttrainError
 from posttrain.recipe.load import dump_recipe, recipe_to_dict
 from posttrain.recipe.schema import Recipe, RestEMStage, SFTStage
+from posttrain.verifiers import votes
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
@@ -118,7 +119,8 @@ def plan(recipe: Recipe) -> str:
             lines.append(f"  outputs: {out / s.name}/iterations.json, iter-N/checkpoints, iter-N/e_step_samples.jsonl")
         else:
             what = (["greedy pass@1"] if s.greedy else []) + (
-                [f"{s.samples} samples/problem -> pass@k, maj@k for k in {s.pass_k}"] if s.samples else []) + (
+                [f"{s.samples} samples/problem -> pass@k{', maj@k' if votes(recipe.data[s.data].verifier) else ''} "
+                 f"for k in {s.pass_k}"] if s.samples else []) + (
                 [f"re-rank top-{s.rerank_top} answer clusters by {s.rerank_scorer}"] if s.rerank_top else [])
             lines.append(f"  data: {size(s.data, s.split)}" + (f", first {s.max_problems}" if s.max_problems else ""))
             lines.append(f"  eval: {'; '.join(what)}; verifier {recipe.data[s.data].verifier}")

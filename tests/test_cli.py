@@ -106,7 +106,7 @@ def test_bundled_recipes_validate(recipe):
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("recipe", ["rest_em_gsm8k.yaml", "rest_em_math.yaml"])
+@pytest.mark.parametrize("recipe", ["rest_em_gsm8k.yaml", "rest_em_math.yaml", "rest_em_code.yaml"])
 def test_gpu_recipes_dry_run_offline(recipe):
     res = posttrain("run", f"recipes/{recipe}", "--dry-run")
     assert res.returncode == 0, res.stderr

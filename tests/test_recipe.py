@@ -96,6 +96,7 @@ def test_ints_become_floats_and_exponents_parse(tmp_path: Path) -> None:
         ("{kind: eval, data: arith, split: test}", "[eval]", "stages.1", 8, "expected a stage mapping"),
         ("seed: 1", "seed: 1\nseed: 2", "seed", 3, "duplicate key 'seed' (first given on line 2)"),
         ("name: demo\n", "", "name", 1, "missing required key 'name'"),
+        ("stages:", "cluster: {verifier: {workers: 0}}\nstages:", "cluster.verifier.workers", 6, "must be >= 1"),
     ],
 )
 def test_malformed_recipe(tmp_path: Path, old: str, new: str, field: str, line: int, phrase: str) -> None:
@@ -103,6 +104,13 @@ def test_malformed_recipe(tmp_path: Path, old: str, new: str, field: str, line: 
     issue = find(issues_of(tmp_path, BASE.replace(old, new, 1)), field)
     assert (issue.line, issue.file) == (line, str(tmp_path / "recipe.yaml"))
     assert phrase in issue.message
+
+
+def test_code_data_cannot_be_reranked(tmp_path: Path) -> None:
+    text = BASE.replace("task: arithmetic, arithmetic: {n_sft: 100, n_pool: 0, n_test: 50}", "task: functions")
+    text = text.replace("split: test}", "split: test, samples: 4, rerank_top: 2}")
+    issue = find(issues_of(tmp_path, text), "stages.1.rerank_top")
+    assert issue.line == 8 and "the code verifier judges by tests" in issue.message
 
 
 def test_unknown_key_without_close_match_lists_valid_keys(tmp_path: Path) -> None:

@@ -233,5 +233,5 @@ def test_mbpp_reference_code_passes_its_asserts():
     # only accepts plain values from the candidate, so such a test cannot be judged (the price of
     # un-foolable comparisons).
     assert sorted(failing) == ["601"], {k: v.summary() for k, v in failing.items()}
-    assert "returned a Pair object" in failing["601"].error
+    assert "returned an object of type Pair" in failing["601"].error
     assert len(rows) == 974

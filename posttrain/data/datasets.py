@@ -28,12 +28,10 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 
 def load_split(name: str, cfg: DatasetConfig, split: str) -> datasets.Dataset:
     """Load one split of the named dataset, normalised, with malformed rows dropped (and reported)."""
-    if cfg.task == "arithmetic":
-        from posttrain.data.tasks.arithmetic import build_splits
-
-        splits = build_splits(cfg.arithmetic)
+    if cfg.task is not None:
+        splits = _task_splits(cfg)
         if split not in splits:
-            raise PosttrainError(f"data.{name}: the arithmetic task has splits {sorted(splits)}, not {split!r}")
+            raise PosttrainError(f"data.{name}: the {cfg.task} task has splits {sorted(splits)}, not {split!r}")
         ds = splits[split]
     else:
         ds = _load_rows(name, cfg, split)
@@ -41,6 +39,16 @@ def load_split(name: str, cfg: DatasetConfig, split: str) -> datasets.Dataset:
     if cfg.max_rows is not None and len(ds) > cfg.max_rows:
         ds = ds.select(range(cfg.max_rows))
     return ds
+
+
+def _task_splits(cfg: DatasetConfig) -> datasets.DatasetDict:
+    if cfg.task == "functions":
+        from posttrain.data.tasks.functions import build_splits as build_functions
+
+        return build_functions(cfg.functions)
+    from posttrain.data.tasks.arithmetic import build_splits
+
+    return build_splits(cfg.arithmetic)
 
 
 def _load_rows(name: str, cfg: DatasetConfig, split: str) -> Iterable[dict[str, Any]]:
@@ -180,6 +188,10 @@ def _canonical_row(cfg: DatasetConfig, row: dict[str, Any], default_id: str) -> 
     rid = str(row.get("id") or row.get("task_id") or row.get("unique_id") or default_id)
     if fmt in ("gsm8k", "math"):
         return _benchmark_row(cfg, row, rid)
+    if fmt in ("humaneval", "mbpp", "stdio"):
+        from posttrain.data.tasks.code import CODE_FORMATS
+
+        return CODE_FORMATS[fmt](row, rid, cfg.prompt_template)
     answer = row.get("answer")
     answer = None if answer is None else str(answer)
     if fmt == "prompt_completion":

@@ -18,7 +18,7 @@ from posttrain.models.load import load_tokenizer
 from posttrain.recipe.schema import EvalStage, Recipe, SamplingConfig
 from posttrain.scoring import maj_at_k, mean_pass_at_k, rerank_at_k
 from posttrain.stage import StageContext, StageResult
-from posttrain.verifiers import answer_equal
+from posttrain.verifiers import answer_equal, votes
 from posttrain.tracking import format_metrics, progress
 from posttrain.workers.sampler import SAMPLER_BACKENDS, Rollouts, greedy
 from posttrain.workers.verifier import Verdict, VerifierWorker
@@ -55,7 +55,7 @@ def policy_actors(recipe: Recipe, model_path: str, verifier: str) -> Iterator[tu
     scfg, vcfg = recipe.cluster.sampler, recipe.cluster.verifier
     samplers = spawn(SAMPLER_BACKENDS[scfg.backend], Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
                      [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)))] * scfg.actors)
-    verifiers = spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0), [(verifier,)] * vcfg.actors)
+    verifiers = spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0), [(verifier, vcfg.workers or max(1, round(vcfg.cpus)))] * vcfg.actors)
     with samplers as s_actors, verifiers as v_actors:
         yield s_actors, v_actors
 
@@ -82,12 +82,14 @@ def evaluate_policy(samplers: list, verifiers: list, rows, prompts: list[list[in
         verdicts = verify(verifiers, roll, answers, list(rows["id"]))
         correct = [[v.correct for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
         voted = [[v.answer for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
+        voting = votes(verifier_name)
         equal = answer_equal(verifier_name)
         for k in pass_k:
             key = "pass@1_sampled" if (k == 1 and greedy_tokens) else f"pass@{k}"
             metrics[key] = mean_pass_at_k(correct, k)
-            metrics[f"maj@{k}"] = maj_at_k(voted, answers, k, equal=equal)
-        if rerank_top:
+            if voting:
+                metrics[f"maj@{k}"] = maj_at_k(voted, answers, k, equal=equal)
+        if rerank_top and voting:
             # Scorer: the policy's own likelihood, length-normalised so short and long solutions compare.
             scores = [sum(lp) / max(1, len(lp)) for lp in roll.logprobs]
             per_problem = [scores[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -27,7 +27,7 @@ from posttrain.recipe.schema import RestEMStage
 from posttrain.scoring import maj_at_k
 from posttrain.stage import StageContext, StageResult
 from posttrain.tracking import format_metrics
-from posttrain.verifiers import answer_equal
+from posttrain.verifiers import answer_equal, votes
 
 log = logging.getLogger(__name__)
 TABLE = "iterations.json"
@@ -101,12 +101,13 @@ def _kept_examples(ctx: StageContext, it: int, row: dict, rows, prompts: list[li
     write_samples(ctx.stage_dir / f"iter-{it + 1}" / "e_step_samples.jsonl", rows, roll, verdicts, set(kept))
     solved = {roll.prompt_index[i] for i, ok in enumerate(correct) if ok}
     K = stage.samples_per_problem
-    voted = [[v.answer for v in verdicts[p * K : (p + 1) * K]] for p in range(len(prompts))]
-    equal = answer_equal(ctx.recipe.data[stage.data].verifier)
     row.update({"train_pass@1": float(np.mean(correct)), f"train_pass@{K}": len(solved) / len(prompts),
-                f"train_maj@{K}": maj_at_k(voted, list(rows["answer"]), K, equal),
                 "problems_sampled": len(prompts), "kept": len(kept),
                 "problems_kept": len({roll.prompt_index[i] for i in kept})})
+    verifier = ctx.recipe.data[stage.data].verifier
+    if votes(verifier):
+        voted = [[v.answer for v in verdicts[p * K : (p + 1) * K]] for p in range(len(prompts))]
+        row[f"train_maj@{K}"] = maj_at_k(voted, list(rows["answer"]), K, answer_equal(verifier))
     if not kept:
         raise PosttrainError(f"stage {stage.name!r}: iteration {it + 1} kept no verified sample; the policy solves "
                              "none of the problems (train more SFT first, or raise samples_per_problem)")

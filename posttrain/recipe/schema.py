@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 from posttrain.data.tasks.arithmetic import ArithmeticConfig
+from posttrain.data.tasks.functions import FunctionsConfig
 from posttrain.models.tiny import TinyConfig
 
 Problems = list[tuple[str, str]]  # (field name relative to the section, message)
@@ -54,22 +55,26 @@ class ModelConfig:
 class DatasetConfig:
     """One named dataset: a built-in synthetic task, or rows loaded with `datasets`."""
 
-    task: Literal["arithmetic"] | None = None
+    task: Literal["arithmetic", "functions"] | None = None
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    functions: FunctionsConfig = field(default_factory=FunctionsConfig)  # synthetic code: write f(a, b)
     path: str | None = None  # local jsonl/parquet file or directory, or a hub id
     subset: str | None = None  # hub dataset configuration (e.g. "main" for openai/gsm8k)
     # prompt_completion / messages: generic rows. gsm8k (question, answer ending in "#### n") and
     # math (problem, solution with \boxed{}, optional answer): real benchmarks mapped to prompt/completion/answer.
-    format: Literal["prompt_completion", "messages", "gsm8k", "math"] = "prompt_completion"
+    # humaneval / mbpp / stdio (APPS-style question + inputs/outputs): code problems checked in the sandbox.
+    format: Literal["prompt_completion", "messages", "gsm8k", "math", "humaneval", "mbpp", "stdio"] = "prompt_completion"
     prompt_template: str | None = None  # gsm8k/math: "{question}" / "{problem}" filled in; None: a built-in one
     chat: bool = False  # gsm8k/math: render the prompt as a user turn with the tokenizer's chat template
     splits: dict[str, str] = field(default_factory=dict)  # split -> file (absolute, or relative to path)
     max_rows: int | None = None  # per split, after loading (handy for smoke runs)
-    verifier: Literal["arithmetic", "arithmetic_steps", "math"] | None = None  # answer checker; tasks and benchmarks bring their own
+    verifier: Literal["arithmetic", "arithmetic_steps", "math", "code"] | None = None  # answer checker; tasks and benchmarks bring their own
 
     def __post_init__(self) -> None:
         if self.verifier is None:
-            self.verifier = self.task or {"gsm8k": "math", "math": "math"}.get(self.format)
+            by_task = {"arithmetic": "arithmetic", "functions": "code"}
+            by_format = {"gsm8k": "math", "math": "math", "humaneval": "code", "mbpp": "code", "stdio": "code"}
+            self.verifier = by_task.get(self.task) or by_format.get(self.format)
 
     def problems(self) -> Problems:
         out: Problems = []
@@ -127,6 +132,12 @@ class SamplerConfig:
 class VerifierConfig:
     actors: int = 1
     cpus: float = 0.5
+    # Concurrent checks per actor (code: sandboxed programs at once; math: checker processes). Default: its
+    # CPUs, at least 1. Verifying and sampling alternate, so on a small machine it may exceed its reservation.
+    workers: int | None = None
+
+    def problems(self) -> Problems:
+        return [("workers", "must be >= 1")] if self.workers is not None and self.workers < 1 else []
 
 
 @dataclass
@@ -370,6 +381,10 @@ class Recipe:
             needs_verifier = isinstance(stage, (EvalStage, RestEMStage))
             if needs_verifier and stage.data in self.data and self.data[stage.data].verifier is None:
                 out.append((f"stages.{i}.data", f"{stage.kind} needs answers checked: set data.{stage.data}.verifier"))
+            if isinstance(stage, EvalStage) and stage.rerank_top and self.data.get(stage.data) is not None \
+                    and self.data[stage.data].verifier == "code":
+                out.append((f"stages.{i}.rerank_top", "re-ranking clusters equal final answers; programs have none "
+                            "(the code verifier judges by tests): remove rerank_top"))
             if stage.model and stage.model.startswith("@") and stage.model[1:] not in seen - {name}:
                 out.append((f"stages.{i}.model", f"{stage.model!r} must name an earlier stage (e.g. '@sft') whose "
                                                  "checkpoint this stage starts from"))

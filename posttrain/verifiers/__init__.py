@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-VERIFIERS = {"arithmetic": "posttrain.verifiers.arithmetic", "arithmetic_steps": "posttrain.verifiers.arithmetic_steps", "math": "posttrain.verifiers.math"}
+VERIFIERS = {"arithmetic": "posttrain.verifiers.arithmetic", "arithmetic_steps": "posttrain.verifiers.arithmetic_steps", "math": "posttrain.verifiers.math",
+             "code": "posttrain.verifiers.code"}
 VERIFIER_DESCRIPTIONS = {
     "arithmetic": "integer final answer after the last '#' (the synthetic arithmetic task)",
     "arithmetic_steps": "the arithmetic answer, and every worked step 'a+b=c' valid and chained (no lucky answers)",
     "math": "last \\boxed{}, '#### n' or 'the answer is ...', compared with math-verify (GSM8K, MATH)",
+    "code": "the program run against its tests in the isolated sandbox (HumanEval, MBPP, stdio, the functions task)",
 }
 
 
@@ -26,3 +28,8 @@ def answer_equal(name: str):
     """Answer equivalence for the driver's voting and re-ranking: the verifier's hang-safe form when it has one."""
     module = get_verifier(name)
     return getattr(module, "safe_equal", module.equal)
+
+
+def votes(name: str) -> bool:
+    """Whether answers can be voted on (maj@k, re-ranking): not for programs, which only tests can judge."""
+    return name != "code"

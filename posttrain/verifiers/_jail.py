@@ -35,10 +35,12 @@ import os
 import pickle
 import resource
 import select
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 import traceback
 
@@ -119,7 +121,7 @@ def encode_value(value, depth: int = 0):
         return ["d", pairs] if kind is dict else ["D", _DICTS[kind], pairs]
     if kind is _DEQUE:
         return ["Q", [encode_value(v, depth + 1) for v in list(value)]]
-    raise TypeError(f"returned a {kind.__name__} object; only plain built-in values can be checked")
+    raise TypeError(f"returned an object of type {kind.__name__}; only plain built-in values can be checked")
 
 
 def decode_value(node, depth: int = 0):
@@ -532,8 +534,6 @@ def execute(conn: socket.socket, root: str, isolated: bool, c0_pid: int) -> dict
     if isolated:
         build_root(root, EXPOSE, cand_uid, limits["workdir_mb"])
     else:  # no namespaces: a private directory, still removed afterwards
-        import tempfile
-
         workdir = tempfile.mkdtemp(prefix="sandbox-")
         if root_user:
             os.chown(workdir, cand_uid, cand_uid)
@@ -549,8 +549,6 @@ def execute(conn: socket.socket, root: str, isolated: bool, c0_pid: int) -> dict
     finally:
         end_everything(isolated, [cand_uid, check_uid])
         if workdir:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
     result["usage"] = _usage(before)
     return result

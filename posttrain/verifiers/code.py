@@ -26,9 +26,6 @@ from posttrain.workers.verifier import Verdict
 
 log = logging.getLogger(__name__)
 
-VOTING = False  # programs are judged by tests, not by agreeing final answers: no maj@k / re-ranking
-
-
 @dataclass
 class CodeTests:
     """What a program must pass. Function tests: `entry` + `tests` ({name, code}); or stdio `cases`."""

@@ -80,13 +80,16 @@ class Sandbox:
             self._runtime = tempfile.mkdtemp(prefix="posttrain-sandbox-")
             jail = Path(_jail.__file__).resolve()
             allow = "0" if self.isolation == "process" else "1"
-            self._proc = subprocess.Popen(
-                [self.python, "-I", "-S", "-B", str(jail), self._runtime, str(os.getpid()), allow],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}, start_new_session=True,
-            )
+            log_path = os.path.join(self._runtime, "jail.log")  # a file, not a pipe nobody drains
+            with open(log_path, "wb") as log_file:
+                self._proc = subprocess.Popen(
+                    [self.python, "-I", "-S", "-B", str(jail), self._runtime, str(os.getpid()), allow],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file, env={}, start_new_session=True,
+                )
             line = self._proc.stdout.readline()
             if line.strip() != b"ready":
-                err = self._proc.stderr.read().decode(errors="replace")[-2000:] if self._proc.poll() is not None else ""
+                self._proc.wait(timeout=5)
+                err = Path(log_path).read_text(errors="replace")[-2000:]
                 self._stop()
                 raise SandboxError(f"sandbox: the jail server did not start: {err or line!r}")
             return self._runtime
@@ -98,8 +101,7 @@ class Sandbox:
             except ProcessLookupError:
                 pass
             self._proc.wait()
-            for stream in (self._proc.stdout, self._proc.stderr):
-                stream.close()
+            self._proc.stdout.close()
             self._proc = None
         if self._runtime:
             shutil.rmtree(self._runtime, ignore_errors=True)

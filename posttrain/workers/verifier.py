@@ -13,11 +13,13 @@ class Verdict:
 
 
 class VerifierWorker:
-    def __init__(self, verifier: str):
+    def __init__(self, verifier: str, workers: int = 1):
         from posttrain.verifiers import get_verifier
 
         self.name = verifier
         self.verifier = get_verifier(verifier)
+        if hasattr(self.verifier, "configure"):  # a pool of checking processes (the code sandbox)
+            self.verifier.configure(workers=workers)
 
     def score(self, completions: list[str], references: list[str | None]) -> list[Verdict]:
         # Verifiers that can hang (math: sympy) check in their own processes with an outside timeout.
