@@ -254,6 +254,12 @@ ATTACKS = [
         def solve(x):
             return 0
         """)),
+    Attack("stall the checker mid-message", _body("""
+        import os, struct, time
+        def solve(x):
+            os.write(4, struct.pack(">I", 1 << 20) + b"[")  # a reply header, then nothing
+            time.sleep(60)
+        """), expect="timeout"),
     Attack("kill the parent, PID 1 and everything", _body("""
         import os, signal
         for target in (os.getppid(), 1, -1):

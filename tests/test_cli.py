@@ -95,7 +95,7 @@ def test_list_names_stages_algorithms_verifiers_and_recipes():
     res = posttrain("list")
     assert res.returncode == 0
     lines = res.stdout.splitlines()
-    for kind, name in (("stage", "sft"), ("stage", "eval"), ("algorithm", "sft"), ("verifier", "arithmetic"),
+    for kind, name in (("stage", "sft"), ("stage", "eval"), ("algorithm", "sft"), ("verifier", "arithmetic"), ("verifier", "code"),
                        ("recipe", "recipes/quickstart.yaml"), ("recipe", "recipes/quickstart_lora.yaml")):
         assert any(l.split()[:2] == [kind, name] and len(l.split()) > 2 for l in lines), f"{kind} {name} missing:\n{res.stdout}"
 
@@ -112,6 +112,24 @@ def test_gpu_recipes_dry_run_offline(recipe):
     assert res.returncode == 0, res.stderr
     assert "[rest_em]" in res.stdout and "vllm" not in res.stderr
     assert "sampler actor(s) x 4 CPU, 1 GPU" in res.stdout and "learner actor(s) x 8 CPU, 1 GPU" in res.stdout
+
+
+def test_verify_code_runs_one_program_in_the_sandbox(tmp_path):
+    tests = tmp_path / "tests.py"
+    tests.write_text("def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n")
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text("def add(a, b):\n    return a + b\n")
+    bad.write_text("class Eq:\n    def __eq__(self, o): return True\ndef add(a, b):\n    print('passed')\n    return Eq()\n")
+    res = posttrain("verify", "code", "--program", str(good), "--tests", str(tests), "--entry", "add")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["passed"] is True and out["tests"][0]["status"] == "passed"
+    res = posttrain("verify", "code", "--program", str(bad), "--tests", str(tests), "--entry", "add")
+    assert res.returncode == 0, res.stderr  # the sandbox worked; the verdict is in the JSON
+    out = json.loads(res.stdout)
+    assert out["passed"] is False and "only plain built-in values" in out["error"] and out["stdout"] == "passed\n"
+    res = posttrain("verify", "code", "--program", str(tmp_path / "missing.py"), "--tests", str(tests), "--entry", "add")
+    assert res.returncode == 2 and "missing.py: no such file" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_verify_math_prints_a_json_verdict():

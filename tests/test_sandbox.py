@@ -235,3 +235,22 @@ def test_mbpp_reference_code_passes_its_asserts():
     assert sorted(failing) == ["601"], {k: v.summary() for k, v in failing.items()}
     assert "returned an object of type Pair" in failing["601"].error
     assert len(rows) == 974
+
+
+def test_verifier_actors_score_programs_through_ray(ray_local):
+    """The code verifier as deployed: VerifierWorker actors, each with its sandbox pool, fed by the driver's verify()."""
+    from posttrain.cluster import Demand, spawn
+    from posttrain.loops.evaluate import verify
+    from posttrain.workers.sampler import Rollouts
+    from posttrain.workers.verifier import VerifierWorker
+
+    tests = CodeTests(entry="solve", tests=TEST, prefix="def solve(x):\n").to_json()
+    bodies = ["    return x * x\n", "    return x + x\n", "    import os\n    os._exit(0)\n",
+              "    while True:\n        pass\n", "    return x ** 2\n", "    return None\n"]
+    roll = Rollouts(prompt_index=list(range(len(bodies))), completion_ids=[[1]] * len(bodies),
+                    logprobs=[[0.0]] * len(bodies), text=bodies, finished=[True] * len(bodies), version=0)
+    with spawn(VerifierWorker, Demand("verifier", 2, 0.5, 0.0), [("code", 2)] * 2) as actors:
+        started = time.monotonic()
+        verdicts = verify(actors, roll, [tests] * len(bodies))
+    assert [v.correct for v in verdicts] == [True, False, False, False, True, False]
+    assert "timeout" in verdicts[3].answer and time.monotonic() - started < 30

@@ -81,8 +81,15 @@ def _read_exact(read, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv(sock_or_fd, limit: int = MAX_MESSAGE):
-    read = (lambda n: os.read(sock_or_fd, n)) if isinstance(sock_or_fd, int) else sock_or_fd.recv
+def recv(sock_or_fd, limit: int = MAX_MESSAGE, deadline: float | None = None):
+    """One framed message; with a deadline (fds only), a peer that stalls mid-message raises TimeoutError."""
+    if isinstance(sock_or_fd, int):
+        def read(n: int) -> bytes:
+            if deadline is not None and not select.select([sock_or_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError("peer stalled")
+            return os.read(sock_or_fd, n)
+    else:
+        read = sock_or_fd.recv
     (size,) = struct.unpack(">I", _read_exact(read, 4))
     if size > limit:
         raise ValueError(f"message of {size} bytes exceeds the {limit}-byte limit")
@@ -259,13 +266,11 @@ class Link:
     def receive(self):
         if self.dead:
             raise CandidateFailed(self.dead)
-        left = self.deadline - time.monotonic()
-        ready, _, _ = select.select([self.fd_in], [], [], max(0.0, left))
-        if not ready:
-            self.dead = "timeout"
-            raise CandidateFailed("timeout")
         try:
-            return recv(self.fd_in)
+            return recv(self.fd_in, deadline=self.deadline)
+        except TimeoutError:
+            self.dead = "timeout"
+            raise CandidateFailed("timeout") from None
         except (EOFError, ValueError, OSError) as exc:
             self.dead = "exited" if isinstance(exc, EOFError) else f"protocol: {exc}"
             raise CandidateFailed(self.dead) from None
@@ -285,9 +290,13 @@ class Link:
         if "error" in reply:
             kind, text = reply["error"]
             exc_type = getattr(builtins, str(kind), None)
+            error = None
             if isinstance(exc_type, type) and issubclass(exc_type, Exception):
-                raise exc_type(str(text)[:500])  # tests may expect e.g. ValueError; types are the real builtins
-            raise RuntimeError(f"candidate raised {kind}: {text}"[:500])
+                try:  # tests may expect e.g. ValueError; the type raised here is the checker's own builtin
+                    error = exc_type(str(text)[:500])
+                except Exception:  # a builtin needing other arguments (UnicodeDecodeError, ...)
+                    pass
+            raise error or RuntimeError(f"candidate raised {kind}: {text}"[:500])
         try:
             return decode_value(reply["value"])
         except Exception as exc:
@@ -527,7 +536,8 @@ def execute(conn: socket.socket, root: str, isolated: bool, c0_pid: int) -> dict
     """C1: everything of one execution after the namespaces exist."""
     request = recv(conn)
     limits, uid_base = request["limits"], UID_BASE + c0_pid
-    root_user = os.geteuid() == 0
+    # Another uid needs root; without namespaces it also needs an interpreter it can read (pyenv under /root: no).
+    root_user = os.geteuid() == 0 and (isolated or PYTHON_WORLD_READABLE)
     cand_uid = uid_base if root_user else None
     check_uid = uid_base + (1 << 22) if root_user else None
     workdir = None
@@ -646,7 +656,8 @@ def handle(conn: socket.socket, root: str, allow_namespaces: bool) -> int:
         try:
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             result = execute(conn, root, isolated, c0_pid)
-            result["isolation"] = {"namespaces": isolated, "why_not": why, "uid_drop": os.geteuid() == 0}
+            result["isolation"] = {"namespaces": isolated, "why_not": why,
+                                   "uid_drop": os.geteuid() == 0 and (isolated or PYTHON_WORLD_READABLE)}
             send(conn, {"result": result})
         except BaseException as exc:
             try:
@@ -668,12 +679,23 @@ def _exposed() -> list[str]:
     return system + sorted(python, key=len)
 
 
+def _world_readable(path: str) -> bool:
+    """Whether a user with no rights of its own can reach `path` (every directory on the way searchable)."""
+    path = os.path.realpath(path)
+    parts = [path] + [os.path.dirname(path)]
+    while parts[-1] != "/":
+        parts.append(os.path.dirname(parts[-1]))
+    return all(os.stat(p).st_mode & 0o001 for p in parts if os.path.isdir(p))
+
+
 EXPOSE: list[str] = []
+PYTHON_WORLD_READABLE = True
 
 
 def serve(runtime: str, parent: int, allow_namespaces: bool) -> None:
-    global EXPOSE
+    global EXPOSE, PYTHON_WORLD_READABLE
     EXPOSE = _exposed()
+    PYTHON_WORLD_READABLE = all(_world_readable(p) for p in sys.path if p and os.path.isdir(p))
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of killed executions come back here to be reaped
     if os.getppid() != parent:  # the host died before we armed the death signal

@@ -190,5 +190,6 @@ class Sandbox:
         if self.isolation == "auto" and not _warned_no_namespaces:
             _warned_no_namespaces = True
             log.warning("sandbox: namespaces unavailable (%s): candidate programs run with rlimits, an empty "
-                        "environment and a private directory, but CAN reach the network and read host files",
-                        iso["why_not"])
+                        "environment and a private directory, but CAN reach the network and read host files%s",
+                        iso["why_not"], "" if iso["uid_drop"] else ", and run as this process's user (no other "
+                        "uid: not root, or the Python install is not readable by other users)")
