@@ -27,11 +27,11 @@ def test_rest_em_with_the_code_verifier(tmp_path, tiny_model):
     recipe["data"] = {"fn": {"task": "functions", "functions": {"max_steps": 1, "n_sft": 30, "n_pool": 20, "n_test": 10}}}
     recipe["cluster"]["verifier"] = {"actors": 1, "cpus": 0.5, "workers": 2}
     recipe["stages"] = [
-        {"kind": "sft", "data": "fn", "train_split": "sft", "steps": 80, "batch_size": 8, "micro_batch_size": 2,
-         "max_length": 64, "optim": {"lr": 5e-3, "warmup_steps": 5}, "save_every": 80, "log_every": 20},
+        {"kind": "sft", "data": "fn", "train_split": "sft", "steps": 200, "batch_size": 8, "micro_batch_size": 2,
+         "max_length": 64, "optim": {"lr": 1e-2, "warmup_steps": 10}, "save_every": 200, "log_every": 50},
         # E-step on the demonstrations' prompts: the model has seen them, so some programs pass for sure
         {"kind": "rest_em", "data": "fn", "train_split": "sft", "eval_split": "test", "iterations": 1,
-         "samples_per_problem": 4, "max_per_problem": 2, "sampling": {"temperature": 1.0, "max_new_tokens": 16},
+         "samples_per_problem": 8, "max_per_problem": 2, "sampling": {"temperature": 1.0, "max_new_tokens": 16},
          "m_step": {"steps": 4, "batch_size": 8, "micro_batch_size": 2, "max_length": 64, "log_every": 2},
          "eval_sampling": {"max_new_tokens": 16}},
     ]
@@ -44,7 +44,7 @@ def test_rest_em_with_the_code_verifier(tmp_path, tiny_model):
     assert not any(k.startswith(("test_maj", "train_maj")) for r in table for k in r)  # no voting on programs
 
     samples = [json.loads(l) for l in (run / "rest_em" / "iter-1" / "e_step_samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 30 * 4 and table[0]["kept"] == sum(s["kept"] for s in samples) > 0
+    assert len(samples) == 30 * 8 and table[0]["kept"] == sum(s["kept"] for s in samples) > 0
     for s in samples:  # every sandbox verdict agrees with an independent, unsandboxed run of the same program
         tests = json.loads(s["reference"])
         program = tests["prefix"] + s["completion"]
