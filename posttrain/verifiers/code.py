@@ -12,6 +12,7 @@ outputs are compared by the host.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -243,6 +244,7 @@ def default_pool() -> CodePool:
     global _pool
     if _pool is None:
         _pool = CodePool(workers=_pool_workers)
+        atexit.register(_pool.close)
     return _pool
 
 
