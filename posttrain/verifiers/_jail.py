@@ -1,6 +1,7 @@
 """The sandbox's jail: a fork server that runs untrusted Python isolated from the host.
 
-Stdlib only, and never imported by posttrain: `sandbox.py` starts it as `python -I -S -B _jail.py DIR PARENT`.
+Stdlib only, so it runs outside the virtualenv's packages: `sandbox.py` starts it as
+`python -I -S -B _jail.py DIR PARENT off|try|require` (and imports it for the message framing).
 It serves one Unix socket (DIR/jail.sock); each connection is one execution, in a forked child, so an
 execution costs a few forks instead of an interpreter start-up (about 60 ms here).
 
@@ -638,18 +639,21 @@ def _execute_stdio(conn, request, limits, cand_uid, out: Capture) -> dict:
     return {"runs": runs}
 
 
-def handle(conn: socket.socket, root: str, allow_namespaces: bool) -> int:
-    """C0: a session of its own, namespaces, then C1 does the work while C0 waits."""
+def handle(conn: socket.socket, root: str, namespaces: str) -> int:
+    """C0: a session of its own, namespaces ("off", "try" or "require"), then C1 does the work while C0 waits."""
     os.setsid()
     c0_pid = os.getpid()
     send(conn, {"pid": c0_pid})
     isolated, why = False, "namespaces disabled"
-    if allow_namespaces:
+    if namespaces != "off":
         try:
             unshare_all()
             isolated, why = True, ""
         except OSError as exc:
             why = str(exc)
+            if namespaces == "require":  # refuse before any of the program runs
+                send(conn, {"failure": f"namespaces unavailable ({why}) and isolation='namespaces' was asked for"})
+                return 1
     child = os.fork()
     if child == 0:
         code = 0
@@ -692,7 +696,7 @@ EXPOSE: list[str] = []
 PYTHON_WORLD_READABLE = True
 
 
-def serve(runtime: str, parent: int, allow_namespaces: bool) -> None:
+def serve(runtime: str, parent: int, namespaces: str) -> None:
     global EXPOSE, PYTHON_WORLD_READABLE
     EXPOSE = _exposed()
     PYTHON_WORLD_READABLE = all(_world_readable(p) for p in sys.path if p and os.path.isdir(p))
@@ -720,7 +724,7 @@ def serve(runtime: str, parent: int, allow_namespaces: bool) -> None:
                 listener.close()
                 code = 1
                 try:
-                    code = handle(conn, root, allow_namespaces)
+                    code = handle(conn, root, namespaces)
                 finally:
                     os._exit(code)
             conn.close()
@@ -732,4 +736,4 @@ def serve(runtime: str, parent: int, allow_namespaces: bool) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1")
+    serve(sys.argv[1], int(sys.argv[2]), sys.argv[3])

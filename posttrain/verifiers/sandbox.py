@@ -79,7 +79,7 @@ class Sandbox:
                 self._stop()
             self._runtime = tempfile.mkdtemp(prefix="posttrain-sandbox-")
             jail = Path(_jail.__file__).resolve()
-            allow = "0" if self.isolation == "process" else "1"
+            allow = {"process": "off", "auto": "try", "namespaces": "require"}[self.isolation]
             log_path = os.path.join(self._runtime, "jail.log")  # a file, not a pipe nobody drains
             with open(log_path, "wb") as log_file:
                 self._proc = subprocess.Popen(
@@ -185,8 +185,6 @@ class Sandbox:
         iso = result.get("isolation")
         if not iso or iso["namespaces"]:
             return
-        if self.isolation == "namespaces":
-            raise SandboxError(f"sandbox: namespaces unavailable ({iso['why_not']}) and isolation='namespaces' was asked for")
         if self.isolation == "auto" and not _warned_no_namespaces:
             _warned_no_namespaces = True
             log.warning("sandbox: namespaces unavailable (%s): candidate programs run with rlimits, an empty "
