@@ -1,13 +1,37 @@
 """The maths of post-training: pure torch functions, no Ray, no distributed code.
 
-ALGORITHMS maps a name used in recipes to its module; later stages add the DPO family,
-PPO, GRPO/RLOO and ReST-EM here.
+ALGORITHMS maps a name used in recipes to its module; later stages add PPO, GRPO/RLOO here.
+The pairwise DPO-family losses share dpo.py (pick one with dpo.PAIRWISE_LOSSES[name]); TR-DPO is DPO
+plus trdpo.py's reference updates.
 """
 
-from posttrain.algorithms import rest_em, sft
+from posttrain.algorithms import dpo, kto, rest_em, sft, trdpo
 
-ALGORITHMS = {"sft": sft, "rest_em": rest_em}
+ALGORITHMS = {
+    "sft": sft,
+    "rest_em": rest_em,
+    "dpo": dpo,
+    "cdpo": dpo,
+    "rdpo": dpo,
+    "ipo": dpo,
+    "rpo": dpo,
+    "hdpo": dpo,
+    "exo": dpo,
+    "simpo": dpo,
+    "kto": kto,
+    "trdpo": trdpo,
+}
 ALGORITHM_DESCRIPTIONS = {
     "sft": "negative log-likelihood on completion tokens, normalised by the global batch's token count",
     "rest_em": "E-step filter: keep verified, finished samples, de-duplicated and capped per problem (Singh et al. 2023)",
+    "dpo": "-log sigma(beta h) on the policy/reference log-ratio margin h of a preference pair (Rafailov et al. 2023)",
+    "cdpo": "DPO against soft labels (label smoothing eps): finite optimal margin (Mitchell 2023)",
+    "rdpo": "DPO de-biased for symmetric label flips at rate eps, divided by 1-2eps (Chowdhury et al. 2024)",
+    "ipo": "squared regression of the margin h onto 1/(2 tau) (Azar et al. 2023)",
+    "rpo": "DPO plus eta times the NLL of the chosen response (Pang et al. 2024)",
+    "hdpo": "DPO with the policy log-probs scaled by alpha, controlling the entropy of the optimum (Omura et al. 2024)",
+    "exo": "reverse KL from sigma(beta h) to the label distribution (1-eps, eps) (Ji et al. 2024)",
+    "simpo": "reference-free: -log sigma(beta (length-averaged log-prob gap) - gamma) (Meng et al. 2024)",
+    "kto": "unpaired good/bad labels: sigmoid value of the log-ratio vs a batch KL reference point (Ethayarajh et al. 2024)",
+    "trdpo": "DPO with a reference moved towards the policy every tau steps, soft or hard (Gorbatovski et al. 2024)",
 }
