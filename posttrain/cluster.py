@@ -22,7 +22,14 @@ STAGE_PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
     "sft": (("learner",),),
     "eval": (("sampler", "verifier"),),
     "rest_em": (("sampler", "verifier"), ("learner",)),  # E-step and eval, then M-step: never together
+    "dpo": (("learner",),),  # offline: pairs from a dataset
+    "dpo_online": (("sampler", "verifier"), ("learner",)),  # each round samples and labels, then trains
 }
+
+
+def phase_key(stage) -> str:
+    """The STAGE_PHASES entry of a stage: its kind, or dpo_online for a dpo stage with `online` set."""
+    return "dpo_online" if stage.kind == "dpo" and getattr(stage, "online", None) else stage.kind
 
 
 @dataclass

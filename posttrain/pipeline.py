@@ -16,7 +16,7 @@ from typing import Any
 
 from posttrain.errors import PosttrainError
 from posttrain.recipe.load import dump_recipe, recipe_to_dict
-from posttrain.recipe.schema import Recipe, RestEMStage, SFTStage
+from posttrain.recipe.schema import PAIR_FORMATS, DPOStage, Recipe, RestEMStage, SFTStage
 from posttrain.verifiers import votes
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,10 @@ def _abs(path: str) -> str:
 
 
 def check_recipe_resources(recipe: Recipe, available: dict[str, float]) -> None:
-    from posttrain.cluster import check_fits, stage_phases
+    from posttrain.cluster import check_fits, phase_key, stage_phases
 
     for s in recipe.stages:
-        for phase in stage_phases(recipe.cluster, s.kind):
+        for phase in stage_phases(recipe.cluster, phase_key(s)):
             check_fits(s.name, phase, available)
 
 
@@ -70,7 +70,7 @@ def ensure_model(recipe: Recipe) -> None:
 # ---------------------------------------------------------------------- plan
 def plan(recipe: Recipe) -> str:
     """The resolved plan printed by --dry-run: stages, actors and resources, data sizes, outputs."""
-    from posttrain.cluster import local_resources, stage_phases
+    from posttrain.cluster import local_resources, phase_key, stage_phases
     from posttrain.data.datasets import from_hub, load_split
 
     out = run_dir(recipe)
@@ -88,7 +88,14 @@ def plan(recipe: Recipe) -> str:
     def size(name: str, split: str) -> str:
         if (name, split) not in sizes:
             try:
-                sizes[name, split] = len(load_split(name, recipe.data[name], split))
+                cfg = recipe.data[name]
+                if cfg.format in PAIR_FORMATS:
+                    from posttrain.data.pairs import load_pairs
+
+                    sizes[name, split] = len(load_pairs(name, cfg.path, PAIR_FORMATS[cfg.format], split,
+                                                        max_rows=cfg.max_rows)[0])
+                else:
+                    sizes[name, split] = len(load_split(name, cfg, split))
             except PosttrainError as exc:
                 if from_hub(recipe.data[name], split):  # a plan needs no network: say so and go on
                     return f"{name}:{split} (hub dataset {recipe.data[name].path!r}: size unknown, not reachable here)"
@@ -106,6 +113,26 @@ def plan(recipe: Recipe) -> str:
                          f" x {s.micro_batch_size}), lr {s.optim.lr:g} {s.optim.schedule}, warmup {s.optim.warmup_steps}")
             lines.append(f"  learner: {lr.backend}" + (f" ZeRO-{lr.zero_stage}" if lr.backend == "deepspeed" else ""))
             lines.append(f"  checkpoints: {out / s.name / 'checkpoints'}/step-NNNNNN every {s.save_every} steps (keep {s.keep_last})")
+        elif isinstance(s, DPOStage):
+            lr, o = c.learner, s.online
+            gas = s.batch_size // (lr.actors * s.micro_batch_size)
+            knobs = ", ".join(f"{k}={v:g}" for k, v in s.loss.knobs().items())
+            if o is None:
+                lines.append(f"  data: pairs {size(s.data, s.train_split)}")
+            else:
+                lines.append(f"  data: problems {size(s.data, s.train_split)}"
+                             + (f" ({o.problems_per_round} per round)" if o.problems_per_round else ""))
+                lines.append(f"  {o.rounds} round(s): K={o.samples_per_problem} samples/problem (T={o.sampling.temperature:g}),"
+                             f" pairs = verified vs failed (up to {o.max_pairs_per_problem}/problem), verifier "
+                             f"{recipe.data[s.data].verifier}; reference = each round's starting policy")
+            lines.append(f"  train: {s.steps} steps{' per round' if o else ''} x {s.batch_size} pairs ({lr.actors} actor(s)"
+                         f" x {gas} micro-batch(es) x {s.micro_batch_size}), loss {s.loss.name}"
+                         + (f" ({knobs})" if knobs else "") + f", lr {s.optim.lr:g} {s.optim.schedule}")
+            if s.loss.name != "simpo":
+                lines.append("  reference log-probs: computed once from the starting weights, saved beside the checkpoints")
+            lines.append(f"  learner: {lr.backend}" + (f" ZeRO-{lr.zero_stage}" if lr.backend == "deepspeed" else ""))
+            lines.append(f"  outputs: {out / s.name}/" + ("round-N/checkpoints, round-N/samples.jsonl, rounds.json"
+                                                          if o else "checkpoints"))
         elif isinstance(s, RestEMStage):
             m = s.m_step
             lines.append(f"  data: E-step problems {size(s.data, s.train_split)}"
@@ -125,8 +152,9 @@ def plan(recipe: Recipe) -> str:
             lines.append(f"  data: {size(s.data, s.split)}" + (f", first {s.max_problems}" if s.max_problems else ""))
             lines.append(f"  eval: {'; '.join(what)}; verifier {recipe.data[s.data].verifier}")
             lines.append(f"  samples: {out / s.name}/samples_*.jsonl")
-        for n, phase in enumerate(stage_phases(c, s.kind), 1):
-            label = "actors" if len(stage_phases(c, s.kind)) == 1 else f"actors (phase {n})"
+        phases = stage_phases(c, phase_key(s))
+        for n, phase in enumerate(phases, 1):
+            label = "actors" if len(phases) == 1 else f"actors (phase {n})"
             lines.append(f"  {label}: " + "; ".join(str(d) for d in phase))
     lines.append(f"outputs: {out}/summary.json, metrics.jsonl, report.html")
     return "\n".join(lines)
@@ -228,9 +256,10 @@ def _first_line(exc: BaseException) -> str:
 def _loops():
     from posttrain.loops.evaluate import run_eval
     from posttrain.loops.expert_iteration import run_rest_em
+    from posttrain.loops.preference import run_dpo
     from posttrain.loops.supervised import run_sft
 
-    return {"sft": run_sft, "eval": run_eval, "rest_em": run_rest_em}
+    return {"sft": run_sft, "eval": run_eval, "rest_em": run_rest_em, "dpo": run_dpo}
 
 
 def _worker_env() -> dict[str, str]:

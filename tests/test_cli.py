@@ -114,6 +114,12 @@ def test_gpu_recipes_dry_run_offline(recipe):
     assert "sampler actor(s) x 4 CPU, 1 GPU" in res.stdout and "learner actor(s) x 8 CPU, 1 GPU" in res.stdout
 
 
+def test_dpo_hh_recipe_dry_runs_offline():
+    res = posttrain("run", "recipes/dpo_hh.yaml", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "[dpo]" in res.stdout and "loss dpo (beta=0.1)" in res.stdout and "8 learner actor(s) x 8 CPU, 1 GPU" in res.stdout
+
+
 def test_verify_code_runs_one_program_in_the_sandbox(tmp_path):
     tests = tmp_path / "tests.py"
     tests.write_text("def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n")

@@ -1,26 +1,27 @@
 """The maths of post-training: pure torch functions, no Ray, no distributed code.
 
-ALGORITHMS maps a name used in recipes to its module; later stages add PPO, GRPO/RLOO here.
+ALGORITHMS maps a name used in recipes to its module (`get_algorithm`); later stages add PPO, GRPO/RLOO here.
 The pairwise DPO-family losses share dpo.py (pick one with dpo.PAIRWISE_LOSSES[name]); TR-DPO is DPO
 plus trdpo.py's reference updates.
 """
 
-from posttrain.algorithms import dpo, kto, rest_em, sft, trdpo
+import importlib
+from types import ModuleType
 
+# Module paths, imported on use: the package itself stays free of torch (recipes import configs from it).
 ALGORITHMS = {
-    "sft": sft,
-    "rest_em": rest_em,
-    "dpo": dpo,
-    "cdpo": dpo,
-    "rdpo": dpo,
-    "ipo": dpo,
-    "rpo": dpo,
-    "hdpo": dpo,
-    "exo": dpo,
-    "simpo": dpo,
-    "kto": kto,
-    "trdpo": trdpo,
+    "sft": "posttrain.algorithms.sft",
+    "rest_em": "posttrain.algorithms.rest_em",
+    **{name: "posttrain.algorithms.dpo" for name in ("dpo", "cdpo", "rdpo", "ipo", "rpo", "hdpo", "exo", "simpo")},
+    "kto": "posttrain.algorithms.kto",
+    "trdpo": "posttrain.algorithms.trdpo",
 }
+
+
+def get_algorithm(name: str) -> ModuleType:
+    return importlib.import_module(ALGORITHMS[name])
+
+
 ALGORITHM_DESCRIPTIONS = {
     "sft": "negative log-likelihood on completion tokens, normalised by the global batch's token count",
     "rest_em": "E-step filter: keep verified, finished samples, de-duplicated and capped per problem (Singh et al. 2023)",

@@ -25,6 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from posttrain.algorithms.preference_config import (  # noqa: F401  (re-exported: the configs of these losses)
+    PAIRWISE_CONFIGS,
+    CDPOConfig,
+    DPOConfig,
+    EXOConfig,
+    HDPOConfig,
+    IPOConfig,
+    RobustDPOConfig,
+    RPOConfig,
+    SimPOConfig,
+)
 import torch.nn.functional as F
 
 
@@ -59,98 +71,6 @@ class PreferenceBatch:
         if missing:
             raise ValueError(f"this loss needs {missing} in the PreferenceBatch")
         return tuple(getattr(self, n) for n in names)
-
-
-def _check_beta(beta: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-
-
-def _check_eps(name: str, eps: float) -> None:
-    # eps = 1/2 makes the label uninformative (cDPO: zero gradient; robust DPO divides by zero).
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(f"{name} must be in [0, 0.5), got {eps}")
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    beta: float = 0.1
-
-    def __post_init__(self):
-        _check_beta(self.beta)
-
-
-@dataclass(frozen=True)
-class CDPOConfig:
-    beta: float = 0.1
-    label_smoothing: float = 0.1  # eps: assumed probability that a label is flipped
-
-    def __post_init__(self):
-        _check_beta(self.beta)
-        _check_eps("label_smoothing", self.label_smoothing)
-
-
-@dataclass(frozen=True)
-class RobustDPOConfig:
-    beta: float = 0.1
-    flip_rate: float = 0.1  # eps: known rate of symmetric label noise (0.1 in the paper)
-
-    def __post_init__(self):
-        _check_beta(self.beta)
-        _check_eps("flip_rate", self.flip_rate)
-
-
-@dataclass(frozen=True)
-class IPOConfig:
-    tau: float = 0.1  # KL weight; the target margin is 1/(2 tau)
-
-    def __post_init__(self):
-        if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
-
-
-@dataclass(frozen=True)
-class RPOConfig:
-    beta: float = 0.1
-    eta: float = 1.0  # weight of the chosen NLL; Pang et al. use 1 on a length-normalised NLL
-
-    def __post_init__(self):
-        _check_beta(self.beta)
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-
-
-@dataclass(frozen=True)
-class HDPOConfig:
-    alpha: float  # entropy scale: < 1 sharpens pi, 1 is DPO; no default, the right value is task-dependent
-    beta: float = 0.1
-
-    def __post_init__(self):
-        _check_beta(self.beta)
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-
-
-@dataclass(frozen=True)
-class EXOConfig:
-    beta: float = 0.1
-    epsilon: float = 1e-3  # p_r = (1 - eps, eps): the target must have full support for a finite KL
-
-    def __post_init__(self):
-        _check_beta(self.beta)
-        if not 0.0 < self.epsilon < 0.5:
-            raise ValueError(f"epsilon must be in (0, 0.5), got {self.epsilon}")
-
-
-@dataclass(frozen=True)
-class SimPOConfig:
-    beta: float = 2.0
-    gamma: float = 1.0  # target reward margin; the paper tunes gamma/beta around 0.5
-
-    def __post_init__(self):
-        _check_beta(self.beta)
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
 
 
 def logratio_margin(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
@@ -255,16 +175,6 @@ PAIRWISE_LOSSES: dict[str, PairwiseLoss] = {
     "hdpo": hdpo_loss,
     "exo": exo_pair_loss,
     "simpo": simpo_loss,
-}
-PAIRWISE_CONFIGS: dict[str, type] = {
-    "dpo": DPOConfig,
-    "cdpo": CDPOConfig,
-    "rdpo": RobustDPOConfig,
-    "ipo": IPOConfig,
-    "rpo": RPOConfig,
-    "hdpo": HDPOConfig,
-    "exo": EXOConfig,
-    "simpo": SimPOConfig,
 }
 
 

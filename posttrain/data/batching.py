@@ -101,3 +101,45 @@ def micro_batches(examples: list[Example], micro_batch_size: int, pad_id: int) -
     """Length-sorted micro-batches for evaluation (no lockstep needed)."""
     ordered = sorted(examples, key=lambda e: len(e.input_ids))
     return [collate(ordered[i : i + micro_batch_size], pad_id) for i in range(0, len(ordered), micro_batch_size)]
+
+
+# ---------------------------------------------------------------- preference pairs
+
+
+@dataclass
+class PairExample:
+    chosen: Example
+    rejected: Example  # same prompt tokens as `chosen`
+    ref_chosen: float | None = None  # summed reference log-probs of the completions (filled before training)
+    ref_rejected: float | None = None
+
+
+@dataclass
+class PairBatch:
+    """P pairs as one TokenBatch of 2P rows: the chosen completions first, then the rejected ones."""
+
+    tokens: TokenBatch  # (2P, T)
+    ref_logps: torch.Tensor | None  # (2P,) in the same order, or None before the reference pass
+
+    @property
+    def n_pairs(self) -> int:
+        return self.tokens.input_ids.shape[0] // 2
+
+
+def collate_pairs(pairs: list[PairExample], pad_id: int) -> PairBatch:
+    tokens = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    if any(p.ref_chosen is None for p in pairs):
+        return PairBatch(tokens, None)
+    ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32)
+    return PairBatch(tokens, ref)
+
+
+def shard_pairs(pairs: list[PairExample], world_size: int, micro_batch_size: int, pad_id: int) -> list[list[PairBatch]]:
+    """One optimizer step's pairs as [rank][micro-batch] PairBatches (length-sorted, dealt round-robin)."""
+    per_rank = len(pairs) // world_size
+    if per_rank * world_size != len(pairs) or per_rank % micro_batch_size:
+        raise ValueError(f"{len(pairs)} pairs do not split into {world_size} ranks x micro-batches of {micro_batch_size}")
+    ordered = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
+    micro = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+    return [[collate_pairs(mb, pad_id) for mb in micro[r::world_size]] for r in range(world_size)]
+

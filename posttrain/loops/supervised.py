@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -49,27 +50,7 @@ def train_examples(ctx: StageContext, model_path: str, train: list[Example], hel
     keep_last = getattr(plan, "keep_last", 1)
     if not train:
         raise PosttrainError(f"stage {ctx.stage.name!r}: nothing to train on")
-    resume_from = checkpoint.latest(ckpt_root) if resume else None
-    spec = LearnerSpec(
-        model_path=model_path, dtype=recipe.model.dtype, lora=recipe.model.lora, optim=plan.optim,
-        total_steps=steps, micro_batches_per_step=plan.batch_size // (world * mbs), micro_batch_size=mbs,
-        backend=lcfg.backend, zero_stage=lcfg.zero_stage, seed=recipe.seed, threads=max(1, int(lcfg.cpus)),
-    )
-    group = spawn(LearnerWorker, Demand("learner", world, lcfg.cpus, lcfg.gpus),
-                  [(rank, world, spec) for rank in range(world)], pack=True)
-    with group as learners:
-        addr, port = ray.get(learners[0].address.remote())
-        counts = gather([lr.setup.remote(addr, port) for lr in learners])[0]
-        log.info("%s: %d learner(s), ZeRO-%d, %s params (%s trainable), %d examples", ctx.stage.name, world,
-                 lcfg.zero_stage, f"{counts['params']:,}", f"{counts['trainable']:,}", len(train))
-        start = 0
-        if resume_from is not None:
-            path, state = resume_from
-            _check_same_layout(state, world, lcfg.zero_stage, path)
-            gather([lr.load.remote(str(path)) for lr in learners])
-            start = state["step"]
-            log.info("%s: resumed from %s (step %d)", ctx.stage.name, path, start)
-
+    with learner_group(ctx, model_path, plan, ckpt_root, resume, f"{len(train)} examples") as (learners, counts, start, resume_from):
         metrics: dict[str, float] = {"trainable_params": float(counts["trainable"])}
         last_ckpt = str(resume_from[0]) if resume_from else None
         bar = progress(total=steps, initial=start, desc=f"{ctx.stage.name} {log_prefix}train".rstrip(), unit="step")
@@ -98,6 +79,38 @@ def train_examples(ctx: StageContext, model_path: str, train: list[Example], hel
                 last_ckpt = str(_save(learners, ckpt_root, done, keep_last, world, lcfg.zero_stage, metrics))
         bar.close()
     return StageResult(metrics, last_ckpt, {"start_digest": counts["start_digest"]})
+
+
+@contextmanager
+def learner_group(ctx: StageContext, model_path: str, plan, ckpt_root: Path, resume: bool, what: str):
+    """The learner actors for one training run, set up and (when resuming) restored from the last checkpoint.
+
+    Yields (learners, parameter counts, first step, (path, state) resumed from or None); the actors are
+    removed on exit. `plan` carries steps, batch_size, micro_batch_size and optim.
+    """
+    recipe, lcfg = ctx.recipe, ctx.recipe.cluster.learner
+    world, mbs = lcfg.actors, plan.micro_batch_size
+    resume_from = checkpoint.latest(ckpt_root) if resume else None
+    spec = LearnerSpec(
+        model_path=model_path, dtype=recipe.model.dtype, lora=recipe.model.lora, optim=plan.optim,
+        total_steps=plan.steps, micro_batches_per_step=plan.batch_size // (world * mbs), micro_batch_size=mbs,
+        backend=lcfg.backend, zero_stage=lcfg.zero_stage, seed=recipe.seed, threads=max(1, int(lcfg.cpus)),
+    )
+    group = spawn(LearnerWorker, Demand("learner", world, lcfg.cpus, lcfg.gpus),
+                  [(rank, world, spec) for rank in range(world)], pack=True)
+    with group as learners:
+        addr, port = ray.get(learners[0].address.remote())
+        counts = gather([lr.setup.remote(addr, port) for lr in learners])[0]
+        log.info("%s: %d learner(s), ZeRO-%d, %s params (%s trainable), %s", ctx.stage.name, world,
+                 lcfg.zero_stage, f"{counts['params']:,}", f"{counts['trainable']:,}", what)
+        start = 0
+        if resume_from is not None:
+            path, state = resume_from
+            _check_same_layout(state, world, lcfg.zero_stage, path)
+            gather([lr.load.remote(str(path)) for lr in learners])
+            start = state["step"]
+            log.info("%s: resumed from %s (step %d)", ctx.stage.name, path, start)
+        yield learners, counts, start, resume_from
 
 
 def _encode_split(ctx: StageContext, split: str, tok) -> list:

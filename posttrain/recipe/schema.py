@@ -8,9 +8,10 @@ in each section's `problems()` method, which returns `(field, message)` pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Union
 
+from posttrain.algorithms.preference_config import PAIRWISE_CONFIGS
 from posttrain.data.tasks.arithmetic import ArithmeticConfig
 from posttrain.data.tasks.functions import FunctionsConfig
 from posttrain.models.tiny import TinyConfig
@@ -63,7 +64,10 @@ class DatasetConfig:
     # prompt_completion / messages: generic rows. gsm8k (question, answer ending in "#### n") and
     # math (problem, solution with \boxed{}, optional answer): real benchmarks mapped to prompt/completion/answer.
     # humaneval / mbpp / stdio (APPS-style question + inputs/outputs): code problems checked in the sandbox.
-    format: Literal["prompt_completion", "messages", "gsm8k", "math", "humaneval", "mbpp", "stdio"] = "prompt_completion"
+    # Preference pairs (dpo stages): pairs (prompt/chosen/rejected strings), pairs_conversational (prompt as
+    # messages), hh_rlhf (Anthropic HH transcripts, split at the longest common prefix).
+    format: Literal["prompt_completion", "messages", "gsm8k", "math", "humaneval", "mbpp", "stdio",
+                    "pairs", "pairs_conversational", "hh_rlhf"] = "prompt_completion"
     prompt_template: str | None = None  # gsm8k/math: "{question}" / "{problem}" filled in; None: a built-in one
     chat: bool = False  # gsm8k/math: render the prompt as a user turn with the tokenizer's chat template
     splits: dict[str, str] = field(default_factory=dict)  # split -> file (absolute, or relative to path)
@@ -331,12 +335,96 @@ class RestEMStage:
         return out
 
 
-Stage = Union[SFTStage, EvalStage, RestEMStage]
-STAGE_KINDS: dict[str, type] = {"sft": SFTStage, "eval": EvalStage, "rest_em": RestEMStage}
+PAIR_FORMATS = {"pairs": "prompt_chosen_rejected", "pairs_conversational": "conversational", "hh_rlhf": "hh"}
+
+
+@dataclass
+class PreferenceLossConfig:
+    """A DPO-family loss and its knobs; unset knobs take the method's defaults (algorithms/preference_config.py)."""
+
+    name: Literal["dpo", "cdpo", "rdpo", "ipo", "rpo", "hdpo", "exo", "simpo"] = "dpo"
+    beta: float | None = None
+    label_smoothing: float | None = None  # cdpo
+    flip_rate: float | None = None  # rdpo
+    tau: float | None = None  # ipo
+    eta: float | None = None  # rpo: weight of the chosen response's length-normalised NLL
+    alpha: float | None = None  # hdpo (required there)
+    epsilon: float | None = None  # exo
+    gamma: float | None = None  # simpo
+
+    def knobs(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name" and getattr(self, f.name) is not None}
+
+    def build(self):
+        """The algorithm's own config object (validated there)."""
+        return PAIRWISE_CONFIGS[self.name](**self.knobs())
+
+    def problems(self) -> Problems:
+        allowed = {f.name for f in fields(PAIRWISE_CONFIGS[self.name])}
+        extra = [k for k in self.knobs() if k not in allowed]
+        if extra:
+            return [(k, f"{self.name} has no knob {k!r} (its knobs: {', '.join(sorted(allowed))})") for k in extra]
+        try:
+            self.build()
+        except (TypeError, ValueError) as exc:
+            return [("name", f"{self.name}: {exc}".replace("__init__() missing 1 required positional argument: ", "needs "))]
+        return []
+
+
+@dataclass
+class OnlinePairsConfig:
+    """Online / iterative DPO (DNO/INPO style): each round samples from the current policy, labels pairs with
+    the data's verifier (correct vs incorrect), and trains with the round's starting policy as the reference."""
+
+    rounds: int = 1
+    samples_per_problem: int = 4
+    max_pairs_per_problem: int = 1  # each pair: a distinct verified solution vs a distinct failed one
+    problems_per_round: int | None = None  # a fresh random subset of the split per round (None: all)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=64))
+
+    def problems(self) -> Problems:
+        out = [(k, "must be >= 1") for k in ("rounds", "samples_per_problem", "max_pairs_per_problem")
+               if getattr(self, k) < 1]
+        if self.samples_per_problem < 2:
+            out.append(("samples_per_problem", "a pair needs at least 2 samples per problem"))
+        if self.problems_per_round is not None and self.problems_per_round < 1:
+            out.append(("problems_per_round", "must be >= 1"))
+        return out
+
+
+@dataclass
+class DPOStage:
+    """Preference optimisation with a DPO-family loss: offline from a pair dataset, or online rounds."""
+
+    kind: Literal["dpo"]
+    data: str  # offline: a pair dataset (format pairs / pairs_conversational / hh_rlhf); online: problems
+    name: str | None = None
+    model: str | None = None
+    train_split: str = "train"
+    loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    online: OnlinePairsConfig | None = None  # set: pairs come from the policy and the verifier
+    steps: int = 100  # optimizer steps (per round when online)
+    batch_size: int = 32  # pairs per optimizer step, across all learner actors
+    micro_batch_size: int = 8  # pairs per forward pass on one actor (2x sequences)
+    max_length: int = 256  # pairs whose prompt + longer response exceed it are skipped (counted)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-7, warmup_steps=10))
+    skip_bad_rows: bool = True  # offline: skip malformed pairs (reported by row); False: stop at the first
+    log_every: int = 10
+    save_every: int = 100
+    keep_last: int = 2
+
+    def problems(self) -> Problems:
+        return [(k, "must be >= 1") for k in ("steps", "batch_size", "micro_batch_size", "max_length", "log_every",
+                                              "save_every", "keep_last") if getattr(self, k) < 1]
+
+
+Stage = Union[SFTStage, EvalStage, RestEMStage, DPOStage]
+STAGE_KINDS: dict[str, type] = {"sft": SFTStage, "eval": EvalStage, "rest_em": RestEMStage, "dpo": DPOStage}
 STAGE_DESCRIPTIONS: dict[str, str] = {
     "sft": "supervised fine-tuning on prompt/completion pairs (loss on completion tokens)",
     "eval": "sample with the policy and score: greedy pass@1, unbiased pass@k, maj@k",
     "rest_em": "ReST-EM self-training: sample K, keep verified (capped, de-duplicated), fine-tune from base, repeat",
+    "dpo": "DPO-family preference optimisation (dpo, cdpo, rdpo, ipo, rpo, hdpo, exo, simpo): offline pairs or online rounds",
 }
 
 
@@ -371,16 +459,23 @@ class Recipe:
             if name in seen:
                 out.append((f"stages.{i}.name", f"duplicate stage name {name!r}; give each stage a unique `name`"))
             seen.add(name)
-            train = stage if isinstance(stage, SFTStage) else stage.m_step if isinstance(stage, RestEMStage) else None
-            prefix = f"stages.{i}." if isinstance(stage, SFTStage) else f"stages.{i}.m_step."
+            train = stage if isinstance(stage, (SFTStage, DPOStage)) else stage.m_step if isinstance(stage, RestEMStage) else None
+            prefix = f"stages.{i}." if isinstance(stage, (SFTStage, DPOStage)) else f"stages.{i}.m_step."
             if train is not None and train.batch_size % (self.cluster.learner.actors * train.micro_batch_size):
                 per_step = self.cluster.learner.actors * train.micro_batch_size
                 out.append((prefix + "batch_size",
                             f"{train.batch_size} must be a multiple of cluster.learner.actors ({self.cluster.learner.actors})"
                             f" x micro_batch_size ({train.micro_batch_size}) = {per_step}"))
-            needs_verifier = isinstance(stage, (EvalStage, RestEMStage))
+            needs_verifier = isinstance(stage, (EvalStage, RestEMStage)) or (isinstance(stage, DPOStage) and stage.online)
             if needs_verifier and stage.data in self.data and self.data[stage.data].verifier is None:
                 out.append((f"stages.{i}.data", f"{stage.kind} needs answers checked: set data.{stage.data}.verifier"))
+            pair_data = stage.data in self.data and self.data[stage.data].format in PAIR_FORMATS
+            if isinstance(stage, DPOStage) and not stage.online and stage.data in self.data and not pair_data:
+                out.append((f"stages.{i}.data", f"offline dpo needs a pair dataset: data.{stage.data}.format one of "
+                                                f"{', '.join(PAIR_FORMATS)} (or set `online` to make pairs from samples)"))
+            if pair_data and not (isinstance(stage, DPOStage) and not stage.online):
+                out.append((f"stages.{i}.data", f"data.{stage.data} holds preference pairs: only an offline dpo stage "
+                                                "reads it"))
             if isinstance(stage, EvalStage) and stage.rerank_top and self.data.get(stage.data) is not None \
                     and self.data[stage.data].verifier == "code":
                 out.append((f"stages.{i}.rerank_top", "re-ranking clusters equal final answers; programs have none "

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from posttrain.algorithms.logprobs import token_logprobs
 from posttrain.algorithms.sft import completion_nll
-from posttrain.data.batching import TokenBatch
+from posttrain.data.batching import PairBatch, TokenBatch
 from posttrain.optim import lr_multiplier
 from posttrain.recipe.schema import LoraConfig, OptimConfig
 
@@ -113,6 +114,47 @@ class LearnerWorker:
             nll, n = completion_nll(out.logits, mb.input_ids.to(self.device), mb.loss_mask.to(self.device))
             nll_sum, n_tok = nll_sum + nll.item(), n_tok + n.item()
         return nll_sum, n_tok
+
+    # ------------------------------------------------------------------ preference pairs
+    def _sequence_logps(self, tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs (B,) and completion token counts (B,) of each row."""
+        ids = tokens.input_ids.to(self.device)
+        out = self.engine(input_ids=ids, attention_mask=tokens.attention_mask.to(self.device))
+        mask = tokens.loss_mask[:, 1:].to(self.device)  # (B, T-1): token t+1 is predicted at position t
+        return (token_logprobs(out.logits, ids) * mask).sum(-1), mask.sum(-1)
+
+    @torch.no_grad()
+    def sequence_logps(self, batches: list[TokenBatch]) -> list[list[float]]:
+        """Per-row summed completion log-probs under the current weights (the reference pass before DPO)."""
+        self.engine.eval()
+        return [self._sequence_logps(mb)[0].tolist() for mb in batches]
+
+    def preference_step(self, step: int, batches: list[PairBatch], pairs_in_step: int, loss_name: str,
+                        loss_cfg) -> dict[str, float]:
+        """One optimizer step of a DPO-family loss; the update is the gradient of the mean loss over the global batch."""
+        from posttrain.algorithms.dpo import PreferenceBatch, preference_loss
+
+        assert len(batches) == self.spec.micro_batches_per_step, "every rank must run the same number of micro-batches"
+        torch.manual_seed(self.spec.seed * 1_000_003 + step * 4099 + self.rank)
+        self.engine.train()
+        scale = self.world_size * len(batches) / max(1, pairs_in_step)  # see the module docstring
+        sums: dict[str, float] = {}
+        for mb in batches:
+            P = mb.n_pairs
+            logps, lengths = self._sequence_logps(mb.tokens)  # (2P,) each
+            ref = mb.ref_logps.to(self.device) if mb.ref_logps is not None else None
+            batch = PreferenceBatch(
+                policy_chosen=logps[:P], policy_rejected=logps[P:],
+                ref_chosen=None if ref is None else ref[:P], ref_rejected=None if ref is None else ref[P:],
+                chosen_nll=-logps[:P] / lengths[:P].clamp(min=1),  # RPO: length-normalised NLL of y_w
+                chosen_len=lengths[:P].clamp(min=1), rejected_len=lengths[P:].clamp(min=1))
+            losses, metrics = preference_loss(loss_name, loss_cfg, batch)
+            self.engine.backward(losses.sum() * scale)
+            self.engine.step()
+            sums["loss_sum"] = sums.get("loss_sum", 0.0) + losses.sum().item()
+            for k, v in metrics.items():  # batch means -> sums over pairs, so the driver can average globally
+                sums[k] = sums.get(k, 0.0) + v * P
+        return {**sums, "pairs": float(sum(mb.n_pairs for mb in batches)), "lr": self._lr(), "grad_norm": self._grad_norm()}
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else 0.0

@@ -1,0 +1,219 @@
+"""Preference optimisation with a DPO-family loss: offline from a pair dataset, or online rounds.
+
+Offline: pairs -> tokens -> one reference pass (the starting weights' log-probs of every response,
+computed once and saved, so a resumed run keeps the same reference) -> DeepSpeed learners.
+Online (DNO / iterative-DPO style): each round samples K responses per problem from the current policy,
+labels them with the data's verifier (a verified response is preferred to a failed one), and trains
+with the round's starting policy as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from posttrain.cluster import gather
+from posttrain.data.batching import (Example, PairExample, collate, encode_example, encode_prompt, shard_pairs,
+                                     step_indices)
+from posttrain.data.datasets import load_split
+from posttrain.errors import PosttrainError
+from posttrain.loops.evaluate import policy_actors, sample, verify, write_samples
+from posttrain.loops.supervised import _save, learner_group
+from posttrain.models.load import load_tokenizer
+from posttrain.recipe.schema import PAIR_FORMATS, DPOStage
+from posttrain.stage import StageContext, StageResult
+from posttrain.tracking import format_metrics, progress
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FREE = {"simpo"}
+
+
+def run_dpo(ctx: StageContext) -> StageResult:
+    stage: DPOStage = ctx.stage
+    tok = load_tokenizer(ctx.model_path)
+    if stage.online is None:
+        pairs = _offline_pairs(ctx, tok)
+        return train_pairs(ctx, ctx.model_path, pairs, ctx.stage_dir, ctx.resume, tok.pad_token_id)
+    return _online_rounds(ctx, tok)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _encode_pair(tok, prompt_row: dict, chosen: str, rejected: str, max_length: int) -> PairExample | None:
+    """Both responses after the same prompt tokens; None when either would be truncated (a cut pair is not a pair)."""
+    c, cut_c = encode_example(tok, {**prompt_row, "completion": chosen}, max_length)
+    r, cut_r = encode_example(tok, {**prompt_row, "completion": rejected}, max_length)
+    if cut_c or cut_r or c.n_prompt >= len(c.input_ids) or r.n_prompt >= len(r.input_ids):
+        return None
+    return PairExample(c, r)
+
+
+def _offline_pairs(ctx: StageContext, tok) -> list[PairExample]:
+    from posttrain.data.pairs import load_pairs
+
+    stage, cfg = ctx.stage, ctx.recipe.data[ctx.stage.data]
+    rows, _ = load_pairs(stage.data, cfg.path, PAIR_FORMATS[cfg.format], stage.train_split,
+                              max_rows=cfg.max_rows, skip_bad_rows=stage.skip_bad_rows)
+    pairs, too_long = [], []
+    for row in rows:
+        pair = _encode_pair(tok, {"prompt": row["prompt"], "messages": row["messages"]}, row["chosen"], row["rejected"],
+                            stage.max_length)
+        if pair is None:
+            too_long.append(row["id"])
+        else:
+            pairs.append(pair)
+    if too_long:
+        msg = f"{len(too_long)} of {len(rows)} pairs are longer than max_length={stage.max_length} (first: {too_long[:3]})"
+        if not stage.skip_bad_rows:
+            raise PosttrainError(f"stage {stage.name!r}: {msg}; raise max_length or set skip_bad_rows: true")
+        log.warning("%s: skipped %s", stage.name, msg)
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _reference_pass(learners, pairs: list[PairExample], world: int, mbs: int, pad_id: int) -> None:
+    """Fill ref_chosen / ref_rejected with the learners' current (starting) weights, ranks in lockstep."""
+    micro = [pairs[i : i + mbs] for i in range(0, len(pairs), mbs)]
+    per_rank = -(-len(micro) // world)
+    padded = micro + [micro[-1]] * (per_rank * world - len(micro))  # ZeRO-3 ranks run forwards together
+    batches = [collate([p.chosen for p in mb] + [p.rejected for p in mb], pad_id) for mb in padded]
+    outs = gather([lr.sequence_logps.remote(batches[r::world]) for r, lr in enumerate(learners)])
+    for i, mb in enumerate(micro):
+        logps = outs[i % world][i // world]
+        for j, p in enumerate(mb):
+            p.ref_chosen, p.ref_rejected = logps[j], logps[len(mb) + j]
+
+
+def _load_or_compute_reference(path: Path, learners, pairs, world, mbs, pad_id) -> None:
+    if path.exists():  # a resumed run: the reference is the weights the stage started from, not the checkpoint's
+        saved = json.loads(path.read_text())
+        if len(saved) == len(pairs):
+            for p, (c, r) in zip(pairs, saved):
+                p.ref_chosen, p.ref_rejected = c, r
+            return
+    _reference_pass(learners, pairs, world, mbs, pad_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([[p.ref_chosen, p.ref_rejected] for p in pairs]))
+    tmp.replace(path)
+
+
+def train_pairs(ctx: StageContext, model_path: str, pairs: list[PairExample], out_dir: Path, resume: bool,
+                pad_id: int, log_prefix: str = "") -> StageResult:
+    """Train `model_path` on preference pairs with the stage's loss; the reference is `model_path` itself."""
+    stage: DPOStage = ctx.stage
+    world, mbs = ctx.recipe.cluster.learner.actors, stage.micro_batch_size
+    if len(pairs) < stage.batch_size:
+        raise PosttrainError(f"stage {stage.name!r}: {len(pairs)} usable pair(s), fewer than batch_size={stage.batch_size}")
+    loss_name, loss_cfg = stage.loss.name, stage.loss.build()
+    with learner_group(ctx, model_path, stage, out_dir / "checkpoints", resume, f"{len(pairs)} pairs, loss {loss_name}") \
+            as (learners, counts, start, resume_from):
+        if loss_name not in REFERENCE_FREE:
+            _load_or_compute_reference(out_dir / "reference_logps.json", learners, pairs, world, mbs, pad_id)
+        metrics: dict[str, float] = {"pairs": float(len(pairs))}
+        last_ckpt = str(resume_from[0]) if resume_from else None
+        bar = progress(total=stage.steps, initial=start, desc=f"{stage.name} {log_prefix}train".rstrip(), unit="step")
+        window: dict[str, float] = {}
+        t_log = time.perf_counter()
+        for step in range(start, stage.steps):
+            batch = [pairs[i] for i in step_indices(len(pairs), stage.batch_size, step, ctx.recipe.seed)]
+            shards = shard_pairs(batch, world, mbs, pad_id)
+            outs = gather([lr.preference_step.remote(step, shards[r], len(batch), loss_name, loss_cfg)
+                           for r, lr in enumerate(learners)])
+            for o in outs:
+                for k, v in o.items():
+                    if k not in ("lr", "grad_norm"):
+                        window[k] = window.get(k, 0.0) + v
+            bar.update(1)
+            done = step + 1
+            if done % stage.log_every == 0 or done == stage.steps:
+                n = window.pop("pairs")
+                row = {"loss": window.pop("loss_sum") / n, **{k: v / n for k, v in window.items()},
+                       "lr": outs[0]["lr"], "grad_norm": outs[0]["grad_norm"],
+                       "pairs_per_s": n / (time.perf_counter() - t_log)}
+                metrics.update({f"train_{k}": v for k, v in row.items() if k in ("loss", "rewards/accuracy", "rewards/margin")})
+                ctx.log(done, {f"{log_prefix}{k}": v for k, v in row.items()})
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}")
+                window, t_log = {}, time.perf_counter()
+            if done % stage.save_every == 0 or done == stage.steps:
+                last_ckpt = str(_save(learners, out_dir / "checkpoints", done, stage.keep_last, world,
+                                      ctx.recipe.cluster.learner.zero_stage, metrics))
+        bar.close()
+    return StageResult(metrics, last_ckpt, {"start_digest": counts["start_digest"]})
+
+
+# ------------------------------------------------------------------------------------------ online rounds
+
+
+def verified_pairs(prompt_index: list[int], texts: list[str], correct: list[bool], finished: list[bool],
+                   max_per_problem: int) -> list[tuple[int, int, int]]:
+    """(problem, chosen sample, rejected sample): distinct verified vs distinct failed responses, in sample order.
+
+    Only finished samples count (a truncated response is neither a solution nor a fair negative).
+    """
+    good: dict[int, list[int]] = {}
+    bad: dict[int, list[int]] = {}
+    for i, (p, text, ok, done) in enumerate(zip(prompt_index, texts, correct, finished)):
+        if not done:
+            continue
+        bucket = (good if ok else bad).setdefault(p, [])
+        if all(texts[j] != text for j in bucket):
+            bucket.append(i)
+    out = []
+    for p in sorted(good.keys() & bad.keys()):
+        out += [(p, c, r) for c, r in zip(good[p], bad[p])][:max_per_problem]
+    return out
+
+
+def _online_rounds(ctx: StageContext, tok) -> StageResult:
+    stage: DPOStage = ctx.stage
+    online = stage.online
+    rows = load_split(stage.data, ctx.recipe.data[stage.data], stage.train_split)
+    prompts = [encode_prompt(tok, r) for r in rows]
+    answers, ids = list(rows["answer"]), list(rows["id"])
+    table_path = ctx.stage_dir / "rounds.json"
+    table: list[dict] = json.loads(table_path.read_text()) if ctx.resume and table_path.exists() else []
+    policy = table[-1]["checkpoint"] if table else ctx.model_path
+    for rnd in range(len(table), online.rounds):
+        t0 = time.perf_counter()
+        idx = list(range(len(rows)))
+        if online.problems_per_round is not None and online.problems_per_round < len(rows):
+            idx = sorted(np.random.default_rng([ctx.recipe.seed, rnd]).choice(len(rows), online.problems_per_round,
+                                                                                replace=False).tolist())
+        with policy_actors(ctx.recipe, policy, ctx.recipe.data[stage.data].verifier) as (samplers, verifiers):
+            roll = sample(samplers, [prompts[i] for i in idx], online.samples_per_problem, online.sampling,
+                          ctx.recipe.cluster.sampler.batch_size, f"{stage.name} round {rnd + 1} sample",
+                          seed=ctx.recipe.seed + 7919 * (rnd + 1))
+            verdicts = verify(verifiers, roll, [answers[i] for i in idx], [ids[i] for i in idx])
+        correct = [v.correct for v in verdicts]
+        write_samples(ctx.stage_dir / f"round-{rnd + 1}" / "samples.jsonl", rows.select(idx), roll, verdicts)
+        triples = verified_pairs(roll.prompt_index, roll.text, correct, roll.finished, online.max_pairs_per_problem)
+        pairs = []
+        for p, c, r in triples:  # completion tokens exactly as sampled (no re-tokenisation of the text)
+            prompt = list(prompts[idx[p]])
+            pairs.append(PairExample(Example(prompt + roll.completion_ids[c], len(prompt)),
+                                     Example(prompt + roll.completion_ids[r], len(prompt))))
+        row = {"round": rnd + 1, "sample_pass@1": float(np.mean(correct)), "pairs": len(pairs),
+               "problems_with_pairs": len({p for p, _, _ in triples})}
+        log.info("%s round %d: %s", stage.name, rnd + 1, format_metrics(row))
+        result = train_pairs(ctx, policy, pairs, ctx.stage_dir / f"round-{rnd + 1}", resume=False,
+                             pad_id=tok.pad_token_id, log_prefix=f"round{rnd + 1}/")
+        policy = result.checkpoint
+        row.update({**{k: v for k, v in result.metrics.items() if k.startswith("train_")}, "checkpoint": policy,
+                    "wall_s": round(time.perf_counter() - t0, 1)})
+        table.append(row)
+        tmp = table_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=2))
+        tmp.replace(table_path)
+        ctx.log(rnd + 1, {k: v for k, v in row.items() if isinstance(v, (int, float))})
+    final = table[-1]
+    metrics = {k: float(v) for k, v in final.items() if k.startswith("train_") or k in ("pairs", "sample_pass@1")}
+    return StageResult(metrics, policy, {"rounds": table})

@@ -1,0 +1,167 @@
+"""DPO stages: pair batching, verified pairs, exact reference log-probs on the learner, offline and online runs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import posttrain, small_recipe, write
+from posttrain.data.batching import Example, PairExample, collate_pairs, shard_pairs
+from posttrain.loops.preference import verified_pairs
+
+SHARED = Path(os.environ.get("POSTTRAIN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def test_verified_pairs_match_distinct_finished_good_and_bad():
+    # problem 0: good a, good a (dup), bad b, bad c; problem 1: only good; problem 2: good d, bad e (unfinished)
+    prompt_index = [0, 0, 0, 0, 1, 2, 2]
+    texts = ["a", "a", "b", "c", "x", "d", "e"]
+    correct = [True, True, False, False, True, True, False]
+    finished = [True, True, True, True, True, True, False]
+    assert verified_pairs(prompt_index, texts, correct, finished, max_per_problem=2) == [(0, 0, 2)]
+    texts[1] = "a2"  # now two distinct good answers: two pairs
+    assert verified_pairs(prompt_index, texts, correct, finished, max_per_problem=2) == [(0, 0, 2), (0, 1, 3)]
+    assert verified_pairs(prompt_index, texts, correct, finished, max_per_problem=1) == [(0, 0, 2)]
+
+
+def test_pair_batches_put_chosen_first_and_keep_reference_order():
+    pairs = [PairExample(Example([1, 2, 3], 2), Example([1, 2, 4, 5], 2), -1.0, -2.0),
+             PairExample(Example([6, 7], 1), Example([6, 8, 9, 9, 9], 1), -3.0, -4.0)]
+    b = collate_pairs(pairs, pad_id=0)
+    assert b.n_pairs == 2 and b.tokens.input_ids.shape == (4, 5)
+    assert b.tokens.input_ids[:, :2].tolist() == [[1, 2], [6, 7], [1, 2], [6, 8]]
+    assert b.ref_logps.tolist() == [-1.0, -3.0, -2.0, -4.0]
+    assert b.tokens.loss_mask[2].tolist() == [0, 0, 1, 1, 0]  # rejected of pair 0: completion tokens only
+    shards = shard_pairs(pairs * 2, world_size=2, micro_batch_size=1, pad_id=0)
+    assert [len(r) for r in shards] == [2, 2] and all(mb.n_pairs == 1 for r in shards for mb in r)
+    with pytest.raises(ValueError):
+        shard_pairs(pairs, world_size=2, micro_batch_size=2, pad_id=0)
+
+
+def test_learner_reference_logps_and_first_step_loss_are_exact(ray_local, tiny_model):
+    """sequence_logps equals an independent HF forward; the first DPO step (policy == reference) has loss log 2."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.algorithms.dpo import DPOConfig
+    from posttrain.cluster import Demand, gather, spawn
+    from posttrain.recipe.schema import OptimConfig
+    from posttrain.workers.learner import LearnerSpec, LearnerWorker
+
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for _ in range(4):
+        prompt = torch.randint(4, 90, (5,), generator=g).tolist()
+        pairs.append(PairExample(Example(prompt + torch.randint(4, 90, (4,), generator=g).tolist(), 5),
+                                 Example(prompt + torch.randint(4, 90, (6,), generator=g).tolist(), 5)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    expected = []
+    with torch.no_grad():
+        for p in pairs:
+            for ex in (p.chosen, p.rejected):
+                logits = model(torch.tensor([ex.input_ids])).logits[0].log_softmax(-1)
+                expected.append(sum(logits[t - 1, ex.input_ids[t]].item() for t in range(ex.n_prompt, len(ex.input_ids))))
+    spec = LearnerSpec(model_path=str(tiny_model), dtype="float32", lora=None, optim=OptimConfig(lr=1e-3, warmup_steps=0),
+                       total_steps=2, micro_batches_per_step=2, micro_batch_size=2, backend="torch")
+    with spawn(LearnerWorker, Demand("learner", 1, 1, 0.0), [(0, 1, spec)]) as (lr,):
+        (addr,) = gather([lr.address.remote()])
+        gather([lr.setup.remote(*addr)])
+        batch = collate_pairs(pairs, pad_id=0).tokens
+        (got,) = gather([lr.sequence_logps.remote([batch])])
+        order = [0, 2, 4, 6, 1, 3, 5, 7]  # collate_pairs: chosen of every pair, then rejected
+        assert got[0] == pytest.approx([expected[i] for i in order], abs=1e-4)
+        for i, p in enumerate(pairs):
+            p.ref_chosen, p.ref_rejected = got[0][i], got[0][4 + i]
+        shards = shard_pairs(pairs, 1, 2, 0)
+        (out,) = gather([lr.preference_step.remote(0, shards[0], 4, "dpo", DPOConfig(beta=0.1))])
+    assert out["loss_sum"] / out["pairs"] == pytest.approx(math.log(2), abs=1e-5)
+    assert out["rewards/margin"] == pytest.approx(0.0, abs=1e-4)
+
+
+def _pairs_file(tmp_path: Path) -> Path:
+    rows = [{"prompt": f"{a}+{b}=", "chosen": f"{a + b}", "rejected": f"{a + b + 1}"} for a in range(6) for b in range(6)]
+    rows.append({"prompt": "1+1=", "chosen": "2", "rejected": "2"})  # identical: reported and skipped
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _dpo_recipe(tmp_path, tiny_model, data: dict, stage: dict) -> dict:
+    recipe = small_recipe(tmp_path, tiny_model)
+    recipe["data"] = data
+    recipe["stages"] = [{"kind": "dpo", "train_split": "train", "steps": 4, "batch_size": 8, "micro_batch_size": 2,
+                         "max_length": 64, "optim": {"lr": 1e-3, "warmup_steps": 0}, "log_every": 1, "save_every": 4,
+                         **stage}]
+    return recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, first", [({"name": "dpo", "beta": 0.1}, math.log(2)),
+                                         ({"name": "simpo", "beta": 2.0, "gamma": 1.0}, None)])
+def test_offline_dpo_run(tmp_path, tiny_model, loss, first):
+    data = {"pairs": {"path": str(_pairs_file(tmp_path)), "format": "pairs"}}
+    recipe = _dpo_recipe(tmp_path, tiny_model, data, {"data": "pairs", "loss": loss})
+    res = posttrain("run", str(write(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "identical chosen/rejected: 1" in res.stderr
+    run = tmp_path / "runs" / "t"
+    logged = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in logged if m.get("stage") == "dpo" and "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    reference = run / "dpo" / "reference_logps.json"
+    if first is not None:  # the first step's policy is the reference: h = 0
+        assert steps[0]["loss"] == pytest.approx(first, abs=1e-4)
+        assert len(json.loads(reference.read_text())) == 36
+    else:
+        assert not reference.exists()  # SimPO needs no reference pass
+    summary = json.loads((run / "summary.json").read_text())["stages"][0]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(summary["checkpoint"])
+
+
+@pytest.mark.slow
+def test_offline_dpo_on_hh_rlhf(tmp_path, tiny_model):
+    path = SHARED / "hh_rlhf_helpful_base" / "test.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"no HH-RLHF data at {path}")
+    data = {"hh": {"path": str(path), "format": "hh_rlhf", "max_rows": 400}}
+    recipe = _dpo_recipe(tmp_path, tiny_model, data, {"data": "hh", "train_split": "test", "max_length": 256,
+                                                       "loss": {"name": "dpo", "beta": 0.1}})
+    res = posttrain("run", str(write(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "empty completion: 1 (rows 121)" in res.stderr and "longer than max_length=256" in res.stderr
+    logged = [json.loads(l) for l in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    first = next(m for m in logged if m.get("stage") == "dpo" and "loss" in m)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_online_dpo_rounds_pair_verified_with_failed_samples(tmp_path, tiny_model):
+    from posttrain.data.tasks.arithmetic import is_correct
+
+    recipe = small_recipe(tmp_path, tiny_model)
+    recipe["data"] = {"arith": {"task": "arithmetic", "arithmetic": {"n_operands": 2, "max_operand": 4, "n_sft": 24,
+                                                                     "n_pool": 16, "n_test": 10}}}
+    recipe["stages"] = [
+        {"kind": "sft", "data": "arith", "train_split": "sft", "steps": 60, "batch_size": 8, "micro_batch_size": 2,
+         "max_length": 32, "optim": {"lr": 5e-3, "warmup_steps": 5}, "save_every": 60, "log_every": 20},
+        {"kind": "dpo", "data": "arith", "train_split": "sft", "steps": 3, "batch_size": 4, "micro_batch_size": 1,
+         "max_length": 32, "optim": {"lr": 1e-3, "warmup_steps": 0}, "log_every": 1, "loss": {"name": "dpo"},
+         "online": {"rounds": 2, "samples_per_problem": 8, "sampling": {"temperature": 1.5, "max_new_tokens": 20}}},
+    ]
+    res = posttrain("run", str(write(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    rounds = json.loads((run / "dpo" / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["pairs"] >= 4 for r in rounds)
+    samples = [json.loads(l) for l in (run / "dpo" / "round-1" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 24 * 8
+    assert all(s["correct"] == is_correct(s["completion"], s["reference"]) for s in samples)
+    summary = json.loads((run / "summary.json").read_text())["stages"][1]
+    assert summary["checkpoint"] == rounds[-1]["checkpoint"] and "round-2" in summary["checkpoint"]
