@@ -199,8 +199,12 @@ def _online_rounds(ctx: StageContext, tok) -> StageResult:
         pairs = []
         for p, c, r in triples:  # completion tokens exactly as sampled (no re-tokenisation of the text)
             prompt = list(prompts[idx[p]])
-            pairs.append(PairExample(Example(prompt + roll.completion_ids[c], len(prompt)),
-                                     Example(prompt + roll.completion_ids[r], len(prompt))))
+            if len(prompt) + max(len(roll.completion_ids[c]), len(roll.completion_ids[r])) <= stage.max_length:
+                pairs.append(PairExample(Example(prompt + roll.completion_ids[c], len(prompt)),
+                                         Example(prompt + roll.completion_ids[r], len(prompt))))
+        if len(pairs) < len(triples):
+            log.warning("%s round %d: %d of %d pairs are longer than max_length=%d and were left out", stage.name,
+                        rnd + 1, len(triples) - len(pairs), len(triples), stage.max_length)
         row = {"round": rnd + 1, "sample_pass@1": float(np.mean(correct)), "pairs": len(pairs),
                "problems_with_pairs": len({p for p, _, _ in triples})}
         log.info("%s round %d: %s", stage.name, rnd + 1, format_metrics(row))
