@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from posttrain.verifiers.sandbox import Isolation, Limits, Sandbox, SandboxError
+from posttrain.verifiers.sandbox import Isolation, Limits, Sandbox
 from posttrain.workers.verifier import Verdict
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ class CodePool:
     def _check(self, program: str, tests: CodeTests, limits: Limits) -> CodeResult:
         try:
             return check(self.sandbox, program, tests, limits)
-        except (SandboxError, OSError) as exc:  # the sandbox's failure, not the program's: never a pass
+        except Exception as exc:  # the sandbox's failure, not the program's: never a pass, never a crashed pool
             log.warning("code verifier: %s", exc)
             names = [t["name"] for t in tests.tests] or [f"case {i}" for i in range(len(tests.cases))]
             return CodeResult(False, [{"name": n, "status": "error", "message": "sandbox failure"} for n in names],

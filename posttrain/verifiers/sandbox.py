@@ -163,7 +163,7 @@ class Sandbox:
             except socket.timeout:
                 result = {"wall_timeout": True}  # killed below; the PID namespace takes the rest
                 break
-            except (ConnectionError, FileNotFoundError, EOFError) as exc:
+            except (ConnectionError, FileNotFoundError, EOFError, ValueError) as exc:
                 if pid is None and attempt == 0:
                     continue
                 result = {"sandbox_died": f"{type(exc).__name__}: {exc}"}
