@@ -55,7 +55,8 @@ def policy_actors(recipe: Recipe, model_path: str, verifier: str) -> Iterator[tu
     scfg, vcfg = recipe.cluster.sampler, recipe.cluster.verifier
     samplers = spawn(SAMPLER_BACKENDS[scfg.backend], Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
                      [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)))] * scfg.actors)
-    verifiers = spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0), [(verifier, vcfg.workers or max(1, round(vcfg.cpus)))] * vcfg.actors)
+    workers = vcfg.workers or max(1, round(vcfg.cpus))  # concurrent checks per verifier actor
+    verifiers = spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0), [(verifier, workers)] * vcfg.actors)
     with samplers as s_actors, verifiers as v_actors:
         yield s_actors, v_actors
 
