@@ -41,6 +41,18 @@ def small_recipe(tmp: Path, model: Path, **overrides) -> dict:
     return recipe
 
 
+def easy_arithmetic_sft(tmp: Path, model: Path) -> dict:
+    """small_recipe on 2-operand arithmetic with a 60-step SFT stage: a policy that is sometimes right."""
+    recipe = small_recipe(tmp, model)
+    recipe["data"] = {"arith": {"task": "arithmetic", "arithmetic": {"n_operands": 2, "max_operand": 4, "n_sft": 24,
+                                                                     "n_pool": 16, "n_test": 10}}}
+    recipe["stages"] = [
+        {"kind": "sft", "data": "arith", "train_split": "sft", "steps": 60, "batch_size": 8, "micro_batch_size": 2,
+         "max_length": 32, "optim": {"lr": 5e-3, "warmup_steps": 5}, "save_every": 60, "log_every": 20},
+    ]
+    return recipe
+
+
 def write(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     path = tmp / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

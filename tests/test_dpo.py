@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import posttrain, small_recipe, write
+from cli_helpers import easy_arithmetic_sft, posttrain, small_recipe, write
 from posttrain.data.batching import Example, PairExample, collate_pairs, shard_pairs
 from posttrain.loops.preference import verified_pairs
 
@@ -145,12 +145,8 @@ def test_offline_dpo_on_hh_rlhf(tmp_path, tiny_model):
 def test_online_dpo_rounds_pair_verified_with_failed_samples(tmp_path, tiny_model):
     from posttrain.data.tasks.arithmetic import is_correct
 
-    recipe = small_recipe(tmp_path, tiny_model)
-    recipe["data"] = {"arith": {"task": "arithmetic", "arithmetic": {"n_operands": 2, "max_operand": 4, "n_sft": 24,
-                                                                     "n_pool": 16, "n_test": 10}}}
-    recipe["stages"] = [
-        {"kind": "sft", "data": "arith", "train_split": "sft", "steps": 60, "batch_size": 8, "micro_batch_size": 2,
-         "max_length": 32, "optim": {"lr": 5e-3, "warmup_steps": 5}, "save_every": 60, "log_every": 20},
+    recipe = easy_arithmetic_sft(tmp_path, tiny_model)
+    recipe["stages"] += [
         {"kind": "dpo", "data": "arith", "train_split": "sft", "steps": 3, "batch_size": 4, "micro_batch_size": 1,
          "max_length": 32, "optim": {"lr": 1e-3, "warmup_steps": 0}, "log_every": 1, "loss": {"name": "dpo"},
          "online": {"rounds": 2, "samples_per_problem": 8, "sampling": {"temperature": 1.5, "max_new_tokens": 20}}},

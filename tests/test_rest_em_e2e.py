@@ -12,18 +12,14 @@ from collections import defaultdict
 
 import pytest
 
-from cli_helpers import REPO, posttrain, small_recipe, write
+from cli_helpers import REPO, easy_arithmetic_sft, posttrain, write
 
 pytestmark = pytest.mark.slow
 
 
 def _rest_em_recipe(tmp_path, tiny_model) -> dict:
-    recipe = small_recipe(tmp_path, tiny_model)
-    recipe["data"] = {"arith": {"task": "arithmetic", "arithmetic": {"n_operands": 2, "max_operand": 4, "n_sft": 24,
-                                                                     "n_pool": 16, "n_test": 10}}}
-    recipe["stages"] = [
-        {"kind": "sft", "data": "arith", "train_split": "sft", "steps": 60, "batch_size": 8, "micro_batch_size": 2,
-         "max_length": 32, "optim": {"lr": 5e-3, "warmup_steps": 5}, "save_every": 60, "log_every": 20},
+    recipe = easy_arithmetic_sft(tmp_path, tiny_model)
+    recipe["stages"] += [
         {"kind": "rest_em", "data": "arith", "train_split": "pool", "eval_split": "test", "iterations": 2,
          "samples_per_problem": 6, "max_per_problem": 2, "sampling": {"temperature": 1.0, "max_new_tokens": 20},
          "m_step": {"steps": 6, "batch_size": 8, "micro_batch_size": 2, "max_length": 32, "log_every": 3},

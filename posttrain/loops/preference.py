@@ -22,7 +22,7 @@ from posttrain.data.batching import (Example, PairExample, collate, encode_examp
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.loops.evaluate import policy_actors, sample, verify, write_samples
-from posttrain.loops.supervised import _save, learner_group
+from posttrain.loops.supervised import learner_group, save_step
 from posttrain.models.load import load_tokenizer
 from posttrain.recipe.schema import PAIR_FORMATS, DPOStage
 from posttrain.stage import StageContext, StageResult
@@ -144,7 +144,7 @@ def train_pairs(ctx: StageContext, model_path: str, pairs: list[PairExample], ou
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}")
                 window, t_log = {}, time.perf_counter()
             if done % stage.save_every == 0 or done == stage.steps:
-                last_ckpt = str(_save(learners, out_dir / "checkpoints", done, stage.keep_last, world,
+                last_ckpt = str(save_step(learners, out_dir / "checkpoints", done, stage.keep_last, world,
                                       ctx.recipe.cluster.learner.zero_stage, metrics))
         bar.close()
     return StageResult(metrics, last_ckpt, {"start_digest": counts["start_digest"]})

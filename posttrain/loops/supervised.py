@@ -76,7 +76,7 @@ def train_examples(ctx: StageContext, model_path: str, train: list[Example], hel
                 metrics["eval_loss"] = _held_out_loss(learners, held_out, world, mbs, pad_id)
                 ctx.log(done, {f"{log_prefix}eval_loss": metrics["eval_loss"]})
             if done % save_every == 0 or done == steps:
-                last_ckpt = str(_save(learners, ckpt_root, done, keep_last, world, lcfg.zero_stage, metrics))
+                last_ckpt = str(save_step(learners, ckpt_root, done, keep_last, world, lcfg.zero_stage, metrics))
         bar.close()
     return StageResult(metrics, last_ckpt, {"start_digest": counts["start_digest"]})
 
@@ -136,7 +136,7 @@ def _held_out_loss(learners, examples, world, mbs, pad_id) -> float:
     return nll / n if n else math.nan
 
 
-def _save(learners, root, step, keep_last, world, zero_stage, metrics) -> Path:
+def save_step(learners, root, step, keep_last, world, zero_stage, metrics) -> Path:
     tmp = checkpoint.begin(root, step)
     gather([lr.save.remote(str(tmp)) for lr in learners])
     state = {"step": step, "world_size": world, "zero_stage": zero_stage, "metrics": metrics}

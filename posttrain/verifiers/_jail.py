@@ -173,9 +173,6 @@ class RemoteRef:
     def __init__(self, name: str):
         self.name = name
 
-    def __reduce__(self):
-        return (RemoteRef, (self.name,))
-
 
 # ----------------------------------------------------------------------------- the candidate process
 

@@ -53,9 +53,6 @@ class CodeTests:
         raw["cases"] = [tuple(c) for c in raw.get("cases", [])]
         return cls(**raw)
 
-    def __len__(self) -> int:
-        return len(self.tests) or len(self.cases)
-
 
 @dataclass
 class CodeResult:
@@ -98,10 +95,6 @@ def outputs_match(got: str, expected: str) -> bool:
 # ------------------------------------------------------------------------------------------ checking
 
 
-def _text(value: Any, limit: int = 300) -> str:
-    return str(value)[:limit]
-
-
 def check(sandbox: Sandbox, program: str, tests: CodeTests, limits: Limits = Limits()) -> CodeResult:
     """Run one program against its tests in `sandbox`."""
     if tests.cases:
@@ -135,7 +128,7 @@ def _function_result(raw: dict, tests: CodeTests) -> CodeResult:
         return CodeResult(False, results, error=f"checker gave no verdict: {why}"[-300:], wall_s=raw["wall_s"],
                           stdout=out, stderr=err)
     if not verdict["loaded"]:
-        error = _text(verdict.get("error"))
+        error = str(verdict.get("error"))[:300]
         status = "memory" if "MemoryError" in error else ("timeout" if "timeout" in error else "error")
         results = [{"name": n, "status": status, "message": "program did not load"} for n in names]
         return CodeResult(False, results, timeout=status == "timeout", memory_exceeded=status == "memory",

@@ -66,7 +66,6 @@ class Sandbox:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._runtime: str | None = None
-        self.executions = 0
 
     # -------------------------------------------------------------- server lifecycle
 
@@ -175,7 +174,6 @@ class Sandbox:
                         os.killpg(pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
-        self.executions += 1
         result["wall_s"] = round(time.monotonic() - start, 4)
         self._check_isolation(result)
         return result
