@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cli_helpers import easy_arithmetic_sft, posttrain, small_recipe, write
-from posttrain.data.batching import Example, PairExample, collate_pairs, shard_pairs
+from posttrain.data.batching import Example, PairExample, collate_pairs, pack, shard_pairs
 from posttrain.loops.preference import verified_pairs
 
 SHARED = Path(os.environ.get("POSTTRAIN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -37,11 +37,28 @@ def test_pair_batches_put_chosen_first_and_keep_reference_order():
     assert b.n_pairs == 2 and b.tokens.input_ids.shape == (4, 5)
     assert b.tokens.input_ids[:, :2].tolist() == [[1, 2], [6, 7], [1, 2], [6, 8]]
     assert b.ref_logps.tolist() == [-1.0, -3.0, -2.0, -4.0]
-    assert b.tokens.loss_mask[2].tolist() == [0, 0, 1, 1, 0]  # rejected of pair 0: completion tokens only
+    # rejected of pair 0 ([1, 2 | 4, 5]): positions 1 and 2 predict its completion tokens 4 and 5
+    assert b.tokens.logits_mask[2].tolist() == [False, True, True, False, False]
+    assert b.tokens.target_ids.tolist() == [3, 7, 4, 5, 8, 9, 9, 9] and b.tokens.target_seq.tolist() == [0, 1, 2, 2, 3, 3, 3, 3]
     shards = shard_pairs(pairs * 2, world_size=2, micro_batch_size=1, pad_id=0)
     assert [len(r) for r in shards] == [2, 2] and all(mb.n_pairs == 1 for r in shards for mb in r)
     with pytest.raises(ValueError):
         shard_pairs(pairs, world_size=2, micro_batch_size=2, pad_id=0)
+
+
+def test_packing_lays_sequences_end_to_end_first_fit_decreasing():
+    seqs = [Example([1, 2, 3], 2), Example([4, 5, 6, 7, 8], 1), Example([9, 10], 1), Example([11, 12, 13, 14], 3)]
+    b = pack(seqs, pad_id=0, capacity=7)
+    # by length 5, 4, 3, 2: [5-token | 2-token] fills row 0; the 4-token starts row 1 and the 3-token joins it
+    assert b.input_ids.tolist() == [[4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 1, 2, 3]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
+    assert b.logits_mask.tolist() == [[1, 1, 1, 1, 0, 1, 0], [0, 0, 1, 0, 0, 1, 0]]
+    assert b.target_ids.tolist() == [5, 6, 7, 8, 10, 14, 3] and b.target_seq.tolist() == [1, 1, 1, 1, 2, 3, 0]
+    tail = pack(seqs[:2], pad_id=0, capacity=7)  # rows are as long as the fullest: row 1 ends in a pad segment
+    assert tail.input_ids.tolist() == [[4, 5, 6, 7, 8], [1, 2, 3, 0, 0]]
+    assert tail.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(seqs, pad_id=0, capacity=4)
 
 
 def test_learner_reference_logps_and_first_step_loss_are_exact(ray_local, tiny_model):
@@ -71,10 +88,14 @@ def test_learner_reference_logps_and_first_step_loss_are_exact(ray_local, tiny_m
     with spawn(LearnerWorker, Demand("learner", 1, 1, 0.0), [(0, 1, spec)]) as (lr,):
         (addr,) = gather([lr.address.remote()])
         gather([lr.setup.remote(*addr)])
-        batch = collate_pairs(pairs, pad_id=0).tokens
-        (got,) = gather([lr.sequence_logps.remote([batch])])
+        # Padded (a row per sequence) and packed (rows of 20 tokens: a 9- and an 11-token sequence share one).
+        padded, packed = collate_pairs(pairs, pad_id=0), collate_pairs(pairs, pad_id=0, capacity=20)
+        assert packed.tokens.input_ids.shape == (4, 20) and padded.tokens.input_ids.shape == (8, 11)
+        got, got_packed = gather([lr.sequence_logps.remote([padded, packed])])[0]
         order = [0, 2, 4, 6, 1, 3, 5, 7]  # collate_pairs: chosen of every pair, then rejected
-        assert got[0] == pytest.approx([expected[i] for i in order], abs=1e-4)
+        assert got == pytest.approx([expected[i] for i in order], abs=1e-4)
+        assert got_packed == pytest.approx(got, abs=1e-4)
+        got = [got]
         for i, p in enumerate(pairs):
             p.ref_chosen, p.ref_rejected = got[0][i], got[0][4 + i]
         shards = shard_pairs(pairs, 1, 2, 0)

@@ -115,31 +115,94 @@ class PairExample:
 
 
 @dataclass
-class PairBatch:
-    """P pairs as one TokenBatch of 2P rows: the chosen completions first, then the rejected ones."""
+class PackedBatch:
+    """Sequences laid end to end in rows, with no padding between them (padding-free), for per-sequence log-probs.
 
-    tokens: TokenBatch  # (2P, T)
+    position_ids restart at 0 at every sequence: Hugging Face models read that (with no attention mask)
+    as a block-diagonal causal mask, so a sequence attends only to itself, exactly as if it were alone.
+    Only the positions that predict a completion token reach the vocabulary projection (`logits_mask`).
+    Crosses Ray as one object.
+    """
+
+    input_ids: torch.Tensor  # (R, T) long; a row's unused tail is pad tokens, a segment of its own
+    position_ids: torch.Tensor  # (R, T) long
+    logits_mask: torch.Tensor  # (R, T) bool: position t predicts a completion token at t+1
+    target_ids: torch.Tensor  # (K,) long: the predicted tokens, in logits_mask's row-major order
+    target_seq: torch.Tensor  # (K,) long: which sequence (index into the packed list) each target belongs to
+    n_seqs: int
+
+
+def pack(examples: list[Example], pad_id: int, capacity: int | None) -> PackedBatch:
+    """Pack sequences into rows of at most `capacity` tokens, first-fit by decreasing length.
+
+    capacity None: one sequence per row (plain right padding, same outputs). Sequence i of `examples`
+    keeps index i in target_seq, wherever it is placed.
+    """
+    order = list(range(len(examples)))
+    if capacity is not None:
+        order.sort(key=lambda i: -len(examples[i].input_ids))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        if capacity is not None and n > capacity:
+            raise ValueError(f"a sequence of {n} tokens does not fit a row of {capacity}")
+        slot = next((r for r, free in enumerate(room) if free >= n), None) if capacity is not None else None
+        if slot is None:
+            rows.append([])
+            room.append((capacity or n) - n)
+            slot = len(rows) - 1
+        else:
+            room[slot] -= n
+        rows[slot].append(i)
+    T = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)  # the tail padding is one more segment (restarts at 0)
+    keep = torch.zeros((len(rows), T), dtype=torch.bool)
+    seq = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e = examples[i]
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            pos[r, at : at + n] = torch.arange(n)
+            pos[r, at + n :] = torch.arange(T - at - n)
+            keep[r, at + max(e.n_prompt, 1) - 1 : at + n - 1] = True  # position t predicts completion token t+1
+            seq[r, at : at + n] = i
+            at += n
+    shifted = torch.full_like(ids, pad_id)
+    shifted[:, :-1] = ids[:, 1:]
+    return PackedBatch(ids, pos, keep, shifted[keep], seq[keep], len(examples))
+
+
+@dataclass
+class PairBatch:
+    """P pairs as 2P packed sequences: the chosen completions first, then the rejected ones."""
+
+    tokens: PackedBatch
     ref_logps: torch.Tensor | None  # (2P,) in the same order, or None before the reference pass
 
     @property
     def n_pairs(self) -> int:
-        return self.tokens.input_ids.shape[0] // 2
+        return self.tokens.n_seqs // 2
 
 
-def collate_pairs(pairs: list[PairExample], pad_id: int) -> PairBatch:
-    tokens = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+def collate_pairs(pairs: list[PairExample], pad_id: int, capacity: int | None = None) -> PairBatch:
+    """capacity: pack into rows of that many tokens (padding-free); None: one sequence per padded row."""
+    tokens = pack([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, capacity)
     if any(p.ref_chosen is None for p in pairs):
         return PairBatch(tokens, None)
     ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32)
     return PairBatch(tokens, ref)
 
 
-def shard_pairs(pairs: list[PairExample], world_size: int, micro_batch_size: int, pad_id: int) -> list[list[PairBatch]]:
+def shard_pairs(pairs: list[PairExample], world_size: int, micro_batch_size: int, pad_id: int,
+                capacity: int | None = None) -> list[list[PairBatch]]:
     """One optimizer step's pairs as [rank][micro-batch] PairBatches (length-sorted, dealt round-robin)."""
     per_rank = len(pairs) // world_size
     if per_rank * world_size != len(pairs) or per_rank % micro_batch_size:
         raise ValueError(f"{len(pairs)} pairs do not split into {world_size} ranks x micro-batches of {micro_batch_size}")
     ordered = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
     micro = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
-    return [[collate_pairs(mb, pad_id) for mb in micro[r::world_size]] for r in range(world_size)]
-
+    return [[collate_pairs(mb, pad_id, capacity) for mb in micro[r::world_size]] for r in range(world_size)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.cluster import gather
-from posttrain.data.batching import (Example, PairExample, collate, encode_example, encode_prompt, shard_pairs,
+from posttrain.data.batching import (Example, PairExample, collate_pairs, encode_example, encode_prompt, shard_pairs,
                                      step_indices)
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
@@ -79,12 +79,12 @@ def _offline_pairs(ctx: StageContext, tok) -> list[PairExample]:
 # ------------------------------------------------------------------------------------------ training
 
 
-def _reference_pass(learners, pairs: list[PairExample], world: int, mbs: int, pad_id: int) -> None:
+def _reference_pass(learners, pairs: list[PairExample], world: int, mbs: int, pad_id: int, capacity: int | None) -> None:
     """Fill ref_chosen / ref_rejected with the learners' current (starting) weights, ranks in lockstep."""
     micro = [pairs[i : i + mbs] for i in range(0, len(pairs), mbs)]
     per_rank = -(-len(micro) // world)
     padded = micro + [micro[-1]] * (per_rank * world - len(micro))  # ZeRO-3 ranks run forwards together
-    batches = [collate([p.chosen for p in mb] + [p.rejected for p in mb], pad_id) for mb in padded]
+    batches = [collate_pairs(mb, pad_id, capacity) for mb in padded]
     outs = gather([lr.sequence_logps.remote(batches[r::world]) for r, lr in enumerate(learners)])
     for i, mb in enumerate(micro):
         logps = outs[i % world][i // world]
@@ -92,14 +92,14 @@ def _reference_pass(learners, pairs: list[PairExample], world: int, mbs: int, pa
             p.ref_chosen, p.ref_rejected = logps[j], logps[len(mb) + j]
 
 
-def _load_or_compute_reference(path: Path, learners, pairs, world, mbs, pad_id) -> None:
+def _load_or_compute_reference(path: Path, learners, pairs, world, mbs, pad_id, capacity) -> None:
     if path.exists():  # a resumed run: the reference is the weights the stage started from, not the checkpoint's
         saved = json.loads(path.read_text())
         if len(saved) == len(pairs):
             for p, (c, r) in zip(pairs, saved):
                 p.ref_chosen, p.ref_rejected = c, r
             return
-    _reference_pass(learners, pairs, world, mbs, pad_id)
+    _reference_pass(learners, pairs, world, mbs, pad_id, capacity)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps([[p.ref_chosen, p.ref_rejected] for p in pairs]))
@@ -114,10 +114,12 @@ def train_pairs(ctx: StageContext, model_path: str, pairs: list[PairExample], ou
     if len(pairs) < stage.batch_size:
         raise PosttrainError(f"stage {stage.name!r}: {len(pairs)} usable pair(s), fewer than batch_size={stage.batch_size}")
     loss_name, loss_cfg = stage.loss.name, stage.loss.build()
+    capacity = stage.max_length if stage.packing else None  # every kept pair's sequences fit a row of max_length
     with learner_group(ctx, model_path, stage, out_dir / "checkpoints", resume, f"{len(pairs)} pairs, loss {loss_name}") \
             as (learners, counts, start, resume_from):
         if loss_name not in REFERENCE_FREE:
-            _load_or_compute_reference(out_dir / "reference_logps.json", learners, pairs, world, mbs, pad_id)
+            _load_or_compute_reference(out_dir / "reference_logps.json", learners, pairs, world, mbs, pad_id,
+                                       capacity)
         metrics: dict[str, float] = {"pairs": float(len(pairs))}
         last_ckpt = str(resume_from[0]) if resume_from else None
         bar = progress(total=stage.steps, initial=start, desc=f"{stage.name} {log_prefix}train".rstrip(), unit="step")
@@ -125,7 +127,7 @@ def train_pairs(ctx: StageContext, model_path: str, pairs: list[PairExample], ou
         t_log = time.perf_counter()
         for step in range(start, stage.steps):
             batch = [pairs[i] for i in step_indices(len(pairs), stage.batch_size, step, ctx.recipe.seed)]
-            shards = shard_pairs(batch, world, mbs, pad_id)
+            shards = shard_pairs(batch, world, mbs, pad_id, capacity)
             outs = gather([lr.preference_step.remote(step, shards[r], len(batch), loss_name, loss_cfg)
                            for r, lr in enumerate(learners)])
             for o in outs:

@@ -407,6 +407,9 @@ class DPOStage:
     batch_size: int = 32  # pairs per optimizer step, across all learner actors
     micro_batch_size: int = 8  # pairs per forward pass on one actor (2x sequences)
     max_length: int = 256  # pairs whose prompt + longer response exceed it are skipped (counted)
+    # Padding-free: a micro-batch's sequences are laid end to end in rows of max_length tokens (each attends only
+    # to itself). Needs a model that reads packed position_ids (Hugging Face Llama, Qwen2, Mistral, ...).
+    packing: bool = True
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-7, warmup_steps=10))
     skip_bad_rows: bool = True  # offline: skip malformed pairs (reported by row); False: stop at the first
     log_every: int = 10

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from posttrain.algorithms.logprobs import token_logprobs
+from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.algorithms.sft import completion_nll
-from posttrain.data.batching import PairBatch, TokenBatch
+from posttrain.data.batching import PackedBatch, PairBatch, TokenBatch
 from posttrain.optim import lr_multiplier
 from posttrain.recipe.schema import LoraConfig, OptimConfig
 
@@ -116,18 +116,21 @@ class LearnerWorker:
         return nll_sum, n_tok
 
     # ------------------------------------------------------------------ preference pairs
-    def _sequence_logps(self, tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs (B,) and completion token counts (B,) of each row."""
-        ids = tokens.input_ids.to(self.device)
-        out = self.engine(input_ids=ids, attention_mask=tokens.attention_mask.to(self.device))
-        mask = tokens.loss_mask[:, 1:].to(self.device)  # (B, T-1): token t+1 is predicted at position t
-        return (token_logprobs(out.logits, ids) * mask).sum(-1), mask.sum(-1)
+    def _sequence_logps(self, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs (N,) and completion token counts (N,) of the N packed sequences."""
+        # No attention mask and no KV cache: the model then reads segments from the restarting position_ids.
+        out = self.engine(input_ids=packed.input_ids.to(self.device), position_ids=packed.position_ids.to(self.device),
+                          use_cache=False, logits_to_keep=packed.logits_mask.to(self.device))  # logits (K, V)
+        logps = target_logprobs(out.logits, packed.target_ids.to(self.device))  # (K,)
+        seq = packed.target_seq.to(self.device)
+        sums = logps.new_zeros(packed.n_seqs).index_add(0, seq, logps)
+        return sums, torch.bincount(seq, minlength=packed.n_seqs).to(logps.dtype)
 
     @torch.no_grad()
-    def sequence_logps(self, batches: list[TokenBatch]) -> list[list[float]]:
-        """Per-row summed completion log-probs under the current weights (the reference pass before DPO)."""
+    def sequence_logps(self, batches: list[PairBatch]) -> list[list[float]]:
+        """Per-sequence summed completion log-probs under the current weights (the reference pass before DPO)."""
         self.engine.eval()
-        return [self._sequence_logps(mb)[0].tolist() for mb in batches]
+        return [self._sequence_logps(mb.tokens)[0].tolist() for mb in batches]
 
     def preference_step(self, step: int, batches: list[PairBatch], pairs_in_step: int, loss_name: str,
                         loss_cfg) -> dict[str, float]:
