@@ -24,12 +24,17 @@ STAGE_PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
     "rest_em": (("sampler", "verifier"), ("learner",)),  # E-step and eval, then M-step: never together
     "dpo": (("learner",),),  # offline: pairs from a dataset
     "dpo_online": (("sampler", "verifier"), ("learner",)),  # each round samples and labels, then trains
+    "dpo_online_rm": (("sampler", "reward_model"), ("learner",)),  # labels from a reward model
+    "reward_model": (("learner",),),
 }
 
 
 def phase_key(stage) -> str:
-    """The STAGE_PHASES entry of a stage: its kind, or dpo_online for a dpo stage with `online` set."""
-    return "dpo_online" if stage.kind == "dpo" and getattr(stage, "online", None) else stage.kind
+    """The STAGE_PHASES entry of a stage: its kind, or dpo_online(_rm) for a dpo stage with `online` set."""
+    online = getattr(stage, "online", None)
+    if stage.kind == "dpo" and online:
+        return "dpo_online_rm" if online.label == "reward_model" else "dpo_online"
+    return stage.kind
 
 
 @dataclass
@@ -45,7 +50,7 @@ class Demand:
 
 
 def stage_phases(cfg: ClusterConfig, kind: str) -> list[list[Demand]]:
-    roles = {"learner": cfg.learner, "sampler": cfg.sampler, "verifier": cfg.verifier}
+    roles = {"learner": cfg.learner, "sampler": cfg.sampler, "verifier": cfg.verifier, "reward_model": cfg.reward_model}
     return [[Demand(r, roles[r].actors, roles[r].cpus, getattr(roles[r], "gpus", 0.0)) for r in phase]
             for phase in STAGE_PHASES[kind]]
 

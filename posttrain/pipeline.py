@@ -16,7 +16,7 @@ from typing import Any
 
 from posttrain.errors import PosttrainError
 from posttrain.recipe.load import dump_recipe, recipe_to_dict
-from posttrain.recipe.schema import PAIR_FORMATS, DPOStage, Recipe, RestEMStage, SFTStage
+from posttrain.recipe.schema import PAIR_FORMATS, DPOStage, Recipe, RestEMStage, RewardModelStage, SFTStage
 from posttrain.verifiers import votes
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     r.data = {k: dataclasses.replace(d, path=_abs(d.path) if d.path else None) for k, d in recipe.data.items()}
     r.stages = [dataclasses.replace(s, model=_abs(s.model) if s.model and not s.model.startswith("@") else s.model)
                 for s in recipe.stages]
+    for s in r.stages:
+        online = getattr(s, "online", None)
+        if online and online.reward_model and not online.reward_model.startswith("@"):
+            s.online = dataclasses.replace(online, reward_model=_abs(online.reward_model))
     r.tracking = dataclasses.replace(recipe.tracking, output_dir=str(Path(recipe.tracking.output_dir).expanduser().resolve()))
     return r
 
@@ -65,6 +69,9 @@ def ensure_model(recipe: Recipe) -> None:
     for i, s in enumerate(recipe.stages):
         if s.model and not s.model.startswith("@"):  # "@stage" is resolved when that stage has run
             check_model_path(s.model, f"stages.{i}.model")
+        rm = getattr(getattr(s, "online", None), "reward_model", None)
+        if rm and not rm.startswith("@"):
+            check_model_path(rm, f"stages.{i}.online.reward_model")
 
 
 # ---------------------------------------------------------------------- plan
@@ -118,21 +125,45 @@ def plan(recipe: Recipe) -> str:
             gas = s.batch_size // (lr.actors * s.micro_batch_size)
             knobs = ", ".join(f"{k}={v:g}" for k, v in s.loss.knobs().items())
             if o is None:
-                lines.append(f"  data: pairs {size(s.data, s.train_split)}")
+                lines.append(f"  data: pairs {size(s.data, s.train_split)}" + (
+                    "; reward-augmented: each scored pair becomes two, conditioned on its scores"
+                    if s.reward_augmented else ""))
             else:
                 lines.append(f"  data: problems {size(s.data, s.train_split)}"
                              + (f" ({o.problems_per_round} per round)" if o.problems_per_round else ""))
+                how = (f"verified vs failed (up to {o.max_pairs_per_problem}/problem), verifier {recipe.data[s.data].verifier}"
+                       if o.label == "verifier" else f"best vs worst by reward model {o.reward_model} (up to "
+                       f"{o.max_pairs_per_problem}/problem, margin > {o.min_margin:g})")
                 lines.append(f"  {o.rounds} round(s): K={o.samples_per_problem} samples/problem (T={o.sampling.temperature:g}),"
-                             f" pairs = verified vs failed (up to {o.max_pairs_per_problem}/problem), verifier "
-                             f"{recipe.data[s.data].verifier}; reference = each round's starting policy")
+                             f" pairs = {how}; reference = each round's starting policy"
+                             + (f"; XPO alpha {o.xpo_alpha:g}" if o.xpo_alpha else ""))
             lines.append(f"  train: {s.steps} steps{' per round' if o else ''} x {s.batch_size} pairs ({lr.actors} actor(s)"
                          f" x {gas} micro-batch(es) x {s.micro_batch_size}), loss {s.loss.name}"
                          + (f" ({knobs})" if knobs else "") + f", lr {s.optim.lr:g} {s.optim.schedule}")
-            if s.loss.name != "simpo":
+            u = s.reference_update
+            if s.loss.name == "simpo":
+                pass
+            elif s.reference == "precomputed":
                 lines.append("  reference log-probs: computed once from the starting weights, saved beside the checkpoints")
+            else:
+                lines.append("  reference: a frozen copy of the starting weights on each learner, scoring every batch"
+                             + (f"; TR-DPO {u.mode} update every {u.tau} steps" + (f" (alpha {u.alpha:g})"
+                                if u.mode == "soft" else "") if u else ""))
+            lines.append("  batches: " + ("padding-free (sequences packed end to end in rows of max_length "
+                                          f"{s.max_length})" if s.packing else f"padded rows (max_length {s.max_length})"))
             lines.append(f"  learner: {lr.backend}" + (f" ZeRO-{lr.zero_stage}" if lr.backend == "deepspeed" else ""))
             lines.append(f"  outputs: {out / s.name}/" + ("round-N/checkpoints, round-N/samples.jsonl, rounds.json"
                                                           if o else "checkpoints"))
+        elif isinstance(s, RewardModelStage):
+            lr = c.learner
+            gas = s.batch_size // (lr.actors * s.micro_batch_size)
+            lines.append(f"  data: pairs {size(s.data, s.train_split)}, held-out "
+                         + (size(s.data, s.eval_split) if s.eval_split else f"{s.eval_fraction:.0%} of them"))
+            lines.append(f"  train: {s.steps} steps x {s.batch_size} pairs ({lr.actors} actor(s) x {gas} micro-batch(es)"
+                         f" x {s.micro_batch_size}), Bradley-Terry on a scalar head"
+                         + (f" + {s.center_coefficient:g} (r_w + r_l)^2" if s.center_coefficient else "")
+                         + f", lr {s.optim.lr:g}; held-out pairwise accuracy every {s.eval_every} steps")
+            lines.append(f"  outputs: {out / s.name}/checkpoints (sequence-classification); not the next stage's policy")
         elif isinstance(s, RestEMStage):
             m = s.m_step
             lines.append(f"  data: E-step problems {size(s.data, s.train_split)}"
@@ -197,13 +228,14 @@ def _run_stages(recipe: Recipe, summary: dict[str, Any], out: Path, logger, resu
         entry = summary["stages"][i]
         if entry["status"] == "done":
             log.info("stage %s: already done, skipped (--resume)", stage.name)
-            model_path = entry["checkpoint"] or model_path
+            if getattr(stage, "produces_policy", True):
+                model_path = entry["checkpoint"] or model_path
             continue
         start = _resolve_model(stage.model, summary) or model_path
         entry.update(status="running", model=start, started=time.time())
         _write_summary(out, summary)
         try:
-            result = _run_stage(recipe, stage, start, out, logger, resume)
+            result = _run_stage(recipe, stage, start, out, logger, resume, lambda ref: _resolve_model(ref, summary))
         except BaseException as exc:  # recorded so `summary.json` says where and why the run stopped
             entry.update(status="failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
             _write_summary(out, summary)
@@ -211,7 +243,8 @@ def _run_stages(recipe: Recipe, summary: dict[str, Any], out: Path, logger, resu
         entry.update(status="done", metrics=result.metrics, checkpoint=result.checkpoint, details=result.details,
                      wall_time_s=round(time.time() - entry["started"], 2))
         _write_summary(out, summary)
-        model_path = result.checkpoint or model_path
+        if getattr(stage, "produces_policy", True):  # a reward model is used by name, never as the next stage's policy
+            model_path = result.checkpoint or model_path
 
 
 def _resolve_model(ref: str | None, summary: dict[str, Any]) -> str | None:
@@ -224,12 +257,12 @@ def _resolve_model(ref: str | None, summary: dict[str, Any]) -> str | None:
     return entry["checkpoint"]
 
 
-def _run_stage(recipe, stage, model_path, out, logger, resume):
+def _run_stage(recipe, stage, model_path, out, logger, resume, resolve):
     import ray
 
     from posttrain.stage import StageContext
 
-    ctx = StageContext(recipe, stage, model_path, out / stage.name, logger, resume=resume)
+    ctx = StageContext(recipe, stage, model_path, out / stage.name, logger, resume=resume, resolve=resolve)
     loop = _loops()[stage.kind]
     try:
         return loop(ctx)
@@ -257,9 +290,10 @@ def _loops():
     from posttrain.loops.evaluate import run_eval
     from posttrain.loops.expert_iteration import run_rest_em
     from posttrain.loops.preference import run_dpo
+    from posttrain.loops.reward_model import run_reward_model
     from posttrain.loops.supervised import run_sft
 
-    return {"sft": run_sft, "eval": run_eval, "rest_em": run_rest_em, "dpo": run_dpo}
+    return {"sft": run_sft, "eval": run_eval, "rest_em": run_rest_em, "dpo": run_dpo, "reward_model": run_reward_model}
 
 
 def _worker_env() -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from posttrain.recipe.schema import Recipe
@@ -18,6 +19,7 @@ class StageContext:
     stage_dir: Path  # runs/<name>/<stage name>/
     logger: MetricsLogger
     resume: bool = False  # restart from the stage's last checkpoint if there is one
+    resolve: Callable[[str], str] = str  # "@stage" -> that earlier stage's checkpoint; a path -> itself
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.logger.log(self.stage.name, step, metrics)

@@ -156,3 +156,11 @@ def test_overrides_may_follow_flags(tmp_path, tiny_model):
     assert res.returncode == 2 and "nothing to resume" in res.stderr and "never-ran" in res.stderr
     res = posttrain("run", path, "--bogus")
     assert res.returncode == 2 and "unrecognized arguments: --bogus" in res.stderr
+
+
+def test_online_dpo_with_reward_model_recipe_dry_runs_offline():
+    res = posttrain("run", "recipes/online_dpo_rm_hh.yaml", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "[reward_model]" in res.stdout and "Bradley-Terry on a scalar head + 0.01 (r_w + r_l)^2" in res.stdout
+    assert "best vs worst by reward model @rm" in res.stdout and "XPO alpha 1e-05" in res.stdout
+    assert "4 reward_model actor(s) x 4 CPU, 1 GPU" in res.stdout

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cli_helpers import easy_arithmetic_sft, posttrain, small_recipe, write
-from posttrain.data.batching import Example, PairExample, collate_pairs, pack, shard_pairs
+from posttrain.data.batching import Example, PairExample, attach_mismatched, collate_pairs, pack, shard_pairs
 from posttrain.loops.preference import verified_pairs
 
 SHARED = Path(os.environ.get("POSTTRAIN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -44,6 +44,21 @@ def test_pair_batches_put_chosen_first_and_keep_reference_order():
     assert [len(r) for r in shards] == [2, 2] and all(mb.n_pairs == 1 for r in shards for mb in r)
     with pytest.raises(ValueError):
         shard_pairs(pairs, world_size=2, micro_batch_size=2, pad_id=0)
+
+
+def test_kto_mismatched_sequences_pair_each_prompt_with_the_next_chosen_response():
+    pairs = [PairExample(Example([1, 2, 3], 2), Example([1, 2, 4, 4], 2)),
+             PairExample(Example([5, 6, 7, 7], 1), Example([5, 8], 1)),
+             PairExample(Example([9, 10], 1), Example([9, 11], 1))]
+    attach_mismatched(pairs, max_length=4)
+    assert [(p.kl.input_ids, p.kl.n_prompt) for p in pairs] == [([1, 2, 6, 7], 2), ([5, 10], 1), ([9, 3], 1)]
+    for p, refs in zip(pairs, ([-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0], [-7.0, -8.0, -9.0])):
+        p.set_references(refs)
+    b = collate_pairs(pairs, pad_id=0)
+    assert b.n_pairs == 3 and b.tokens.n_seqs == 9
+    assert b.ref_logps.tolist() == [-1.0, -4.0, -7.0, -2.0, -5.0, -8.0, -3.0, -6.0, -9.0]  # chosen, rejected, kl columns
+    attach_mismatched(pairs, max_length=3)  # pair 0's kl response is cut to fit: [1, 2 | 6]
+    assert pairs[0].kl.input_ids == [1, 2, 6]
 
 
 def test_packing_lays_sequences_end_to_end_first_fit_decreasing():
@@ -95,13 +110,69 @@ def test_learner_reference_logps_and_first_step_loss_are_exact(ray_local, tiny_m
         order = [0, 2, 4, 6, 1, 3, 5, 7]  # collate_pairs: chosen of every pair, then rejected
         assert got == pytest.approx([expected[i] for i in order], abs=1e-4)
         assert got_packed == pytest.approx(got, abs=1e-4)
-        got = [got]
         for i, p in enumerate(pairs):
-            p.ref_chosen, p.ref_rejected = got[0][i], got[0][4 + i]
+            p.ref_chosen, p.ref_rejected = got[i], got[4 + i]
         shards = shard_pairs(pairs, 1, 2, 0)
         (out,) = gather([lr.preference_step.remote(0, shards[0], 4, "dpo", DPOConfig(beta=0.1))])
     assert out["loss_sum"] / out["pairs"] == pytest.approx(math.log(2), abs=1e-5)
     assert out["rewards/margin"] == pytest.approx(0.0, abs=1e-4)
+
+
+def _random_pairs(seed: int, n: int = 4) -> list[PairExample]:
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = torch.randint(4, 90, (5,), generator=g).tolist()
+        pairs.append(PairExample(Example(prompt + torch.randint(4, 90, (4,), generator=g).tolist(), 5),
+                                 Example(prompt + torch.randint(4, 90, (6,), generator=g).tolist(), 5)))
+    return pairs
+
+
+def _dpo_losses(tiny_model, steps: int, reference: str, update=None) -> list[float]:
+    """Per-step DPO losses of one learner on the same 4 pairs, with a precomputed or a live (maybe moving) reference."""
+    from posttrain.algorithms.dpo import DPOConfig
+    from posttrain.cluster import Demand, gather, spawn
+    from posttrain.recipe.schema import OptimConfig
+    from posttrain.workers.learner import LearnerSpec, LearnerWorker
+
+    pairs = _random_pairs(1)
+    spec = LearnerSpec(model_path=str(tiny_model), dtype="float32", lora=None, optim=OptimConfig(lr=3e-3, warmup_steps=0),
+                       total_steps=steps, micro_batches_per_step=1, micro_batch_size=4, backend="torch",
+                       live_reference=reference == "live", reference_update=update)
+    losses = []
+    with spawn(LearnerWorker, Demand("learner", 1, 1, 0.0), [(0, 1, spec)]) as (lr,):
+        gather([lr.setup.remote("127.0.0.1", 0)])
+        if reference == "precomputed":
+            (logps,) = gather([lr.sequence_logps.remote([collate_pairs(pairs, 0, 32)])])[0]
+            for i, p in enumerate(pairs):
+                p.ref_chosen, p.ref_rejected = logps[i], logps[4 + i]
+        for step in range(steps):
+            (out,) = gather([lr.preference_step.remote(step, shard_pairs(pairs, 1, 4, 0, 32)[0], 4, "dpo",
+                                                       DPOConfig(beta=0.1))])
+            losses.append(out["loss_sum"] / out["pairs"])
+    return losses
+
+
+@pytest.mark.slow
+def test_live_reference_equals_precomputed_and_tr_dpo_hard_update_resets_to_log2(ray_local, tiny_model):
+    from posttrain.recipe.schema import ReferenceUpdateConfig
+
+    precomputed = _dpo_losses(tiny_model, 4, "precomputed")
+    live = _dpo_losses(tiny_model, 4, "live")
+    assert live == pytest.approx(precomputed, abs=1e-6) and live[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert live[3] < live[0] - 1e-3  # it trains
+    # TR-DPO with alpha = 0 never moves the reference: plain DPO
+    assert _dpo_losses(tiny_model, 4, "live", ReferenceUpdateConfig("soft", 0.0, 1)) == pytest.approx(live, abs=1e-7)
+    # a hard update after step 2 makes the reference the policy again: step 3's loss is exactly log 2 (sawtooth)
+    hard = _dpo_losses(tiny_model, 4, "live", ReferenceUpdateConfig("hard", 0.6, 2))
+    assert hard[:2] == pytest.approx(live[:2], abs=1e-7)
+    assert hard[2] == pytest.approx(math.log(2), abs=1e-6) and abs(hard[1] - math.log(2)) > 1e-3
+    soft = _dpo_losses(tiny_model, 4, "live", ReferenceUpdateConfig("soft", 0.5, 1))
+    assert soft[0] == pytest.approx(math.log(2), abs=1e-6) and log2_gap(soft[1]) < log2_gap(live[1])
+
+
+def log2_gap(loss: float) -> float:
+    return abs(loss - math.log(2))
 
 
 def _pairs_file(tmp_path: Path) -> Path:
@@ -123,6 +194,7 @@ def _dpo_recipe(tmp_path, tiny_model, data: dict, stage: dict) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss, first", [({"name": "dpo", "beta": 0.1}, math.log(2)),
+                                         ({"name": "kto", "beta": 0.1, "undesirable_weight": 1.5}, (1 + 1.5) / 4),
                                          ({"name": "simpo", "beta": 2.0, "gamma": 1.0}, None)])
 def test_offline_dpo_run(tmp_path, tiny_model, loss, first):
     data = {"pairs": {"path": str(_pairs_file(tmp_path)), "format": "pairs"}}
@@ -135,15 +207,73 @@ def test_offline_dpo_run(tmp_path, tiny_model, loss, first):
     steps = [m for m in logged if m.get("stage") == "dpo" and "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     reference = run / "dpo" / "reference_logps.json"
-    if first is not None:  # the first step's policy is the reference: h = 0
+    if first is not None:  # the first step's policy is the reference: h = 0 (KTO: r = z0 = 0, lambda / 2 each)
         assert steps[0]["loss"] == pytest.approx(first, abs=1e-4)
-        assert len(json.loads(reference.read_text())) == 36
+        saved = json.loads(reference.read_text())
+        assert len(saved) == 36 and {len(r) for r in saved} == ({3} if loss["name"] == "kto" else {2})
     else:
         assert not reference.exists()  # SimPO needs no reference pass
     summary = json.loads((run / "summary.json").read_text())["stages"][0]
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(summary["checkpoint"])
+
+
+@pytest.mark.slow
+def test_reward_augmented_dpo_trains_on_two_conditioned_pairs_per_scored_pair(tmp_path, tiny_model):
+    rows = [{"prompt": f"{a}+{b}=", "chosen": f"{a + b}", "rejected": f"{a + b + 1}", "score_chosen": 9,
+             "score_rejected": 2} for a in range(4) for b in range(4)]
+    rows.append({"prompt": "1+1=", "chosen": "2", "rejected": "3"})  # no scores: reported and skipped
+    path = tmp_path / "scored.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    recipe = _dpo_recipe(tmp_path, tiny_model, {"scored": {"path": str(path), "format": "pairs"}},
+                         {"data": "scored", "loss": {"name": "cdpo", "beta": 0.01, "label_smoothing": 0.3},
+                          "reward_augmented": {"template": "score {score:g}: {prompt}"}})
+    res = posttrain("run", str(write(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "missing or malformed fields: 1 (rows 17)" in res.stderr
+    run = tmp_path / "runs" / "t"
+    summary = json.loads((run / "summary.json").read_text())["stages"][0]
+    assert summary["metrics"]["pairs"] == 32  # 16 scored pairs, each mirrored
+    assert len(json.loads((run / "dpo" / "reference_logps.json").read_text())) == 32
+
+
+@pytest.mark.slow
+def test_tr_dpo_run_sawtooth_and_resume_restores_the_moved_reference(tmp_path, tiny_model):
+    """Two DeepSpeed ranks, a live reference hard-updated every 2 steps; resuming from step 2 reproduces step 4."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    data = {"pairs": {"path": str(_pairs_file(tmp_path)), "format": "pairs"}}
+    recipe = _dpo_recipe(tmp_path, tiny_model, data, {
+        "data": "pairs", "loss": {"name": "dpo", "beta": 0.1}, "reference": "live", "save_every": 2,
+        "reference_update": {"mode": "hard", "tau": 2}, "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"}})
+    res = posttrain("run", str(write(tmp_path, recipe)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    logged = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in logged if m.get("stage") == "dpo" and "loss" in m]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5) and losses[2] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(losses[1] - math.log(2)) > 1e-4 and abs(losses[3] - math.log(2)) > 1e-4  # the sawtooth
+    ckpts = run / "dpo" / "checkpoints"
+    assert not (run / "dpo" / "reference_logps.json").exists()
+    step2 = load_file(ckpts / "step-000002" / "model.safetensors")
+    ref2 = load_file(ckpts / "step-000002" / "reference" / "model.safetensors")
+    assert all(torch.equal(ref2[k], step2[k]) for k in step2)  # hard update after step 2: reference == policy
+
+    # What a run killed after its step-2 checkpoint leaves behind, then --resume.
+    final = load_file(ckpts / "step-000004" / "model.safetensors")
+    shutil.rmtree(ckpts / "step-000004")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["stages"][0]["status"] = "running"
+    (run / "summary.json").write_text(json.dumps(summary))
+    res = posttrain("run", str(tmp_path / "recipe.yaml"), "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr
+    again = load_file(ckpts / "step-000004" / "model.safetensors")
+    for k in final:
+        torch.testing.assert_close(again[k], final[k], atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow

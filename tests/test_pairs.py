@@ -107,7 +107,8 @@ def test_prompt_chosen_rejected_rows_with_malformed_rows_reported(tmp_path):
         {"prompt": "p8", "chosen": 3, "rejected": "no"},  # line 8: malformed
     ])
     ds, report = load_pairs("prefs", str(f), "prompt_chosen_rejected", "train", max_chars=40)
-    assert ds.column_names == ["id", "prompt", "chosen", "rejected", "messages"]
+    assert ds.column_names == ["id", "prompt", "chosen", "rejected", "messages", "score_chosen", "score_rejected", "row"]
+    assert ds["row"] == [1, 7]
     assert ds["prompt"] == ["p1", "p7"] and ds["id"] == ["prefs-train-000000", "mine"]
     assert ds["messages"] == [None, None]
     assert (report.rows_read, report.kept) == (7, 2)
@@ -170,7 +171,7 @@ def test_hh_rows_and_bad_arguments(tmp_path):
     ])
     ds, report = load_pairs("hh", str(f), "hh", "train")
     assert ds[0] == {"id": "hh-train-000000", "prompt": f"{H} Hi{A}", "chosen": " Hello there.",
-                     "rejected": " Go away.", "messages": None}
+                     "rejected": " Go away.", "messages": None, "score_chosen": None, "score_rejected": None, "row": 1}
     assert report.skipped == {"unsplittable": 1, "missing_fields": 1}
     assert report.examples == {"unsplittable": [2], "missing_fields": [3]}
     with pytest.raises(PosttrainError, match=r"row 2: unsplittable HH transcripts: no common dialogue prefix"):
@@ -216,3 +217,17 @@ def test_real_hh_helpful_base_test_split():
         prompt, c, r = split_hh(originals[i]["chosen"], originals[i]["rejected"])  # handled, not raised
         assert prompt + c == originals[i]["chosen"] and prompt + r == originals[i]["rejected"]
         assert i + 1 in kept_lines
+
+
+def test_scores_are_kept_and_can_be_required(tmp_path):
+    f = _write_jsonl(tmp_path / "train.jsonl", [
+        {"prompt": "p1", "chosen": "a", "rejected": "b", "score_chosen": 8, "score_rejected": 3.5},
+        {"prompt": "p2", "chosen": "a", "rejected": "b"},  # line 2: no scores
+        {"prompt": "p3", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1},  # line 3
+    ])
+    ds, report = load_pairs("prefs", str(f), "prompt_chosen_rejected", "train")
+    assert ds["score_chosen"] == [8.0, None] and ds["score_rejected"] == [3.5, None]
+    assert report.examples == {"missing_fields": [3]}
+    ds, report = load_pairs("prefs", str(f), "prompt_chosen_rejected", "train", require_scores=True)
+    assert ds["prompt"] == ["p1"] and report.examples == {"missing_fields": [2, 3]}
+    assert report.first_error["missing_fields"].startswith("row 2: no 'score_chosen' / 'score_rejected'")

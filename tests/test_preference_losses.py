@@ -577,3 +577,44 @@ def test_matches_trl_kto(trl_available):
     mine, m = kto_loss(policy, ref, desirable, policy_kl, ref_kl, cfg)
     assert m["kl"] > 0
     assert abs(mine.mean().item() - theirs.item()) < 1e-12
+
+
+def test_kto_on_pairs_is_the_mean_over_the_unpaired_examples():
+    from posttrain.algorithms.kto import kto_pair_loss
+
+    g = torch.Generator().manual_seed(3)
+    pc, pr, rc, rr, pkl, rkl = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(6))
+    cfg = KTOConfig(beta=0.3, desirable_weight=1.0, undesirable_weight=1.33)
+    pairs, _ = kto_pair_loss(pc, pr, rc, rr, pkl, rkl, cfg)
+    desirable = torch.tensor([True] * 5 + [False] * 5)
+    unpaired, _ = kto_loss(torch.cat([pc, pr]), torch.cat([rc, rr]), desirable, pkl, rkl, cfg)
+    assert pairs.mean().item() == pytest.approx(unpaired.mean().item(), abs=1e-12)
+    at_init, _ = kto_pair_loss(pc, pr, pc, pr, pkl, pkl, cfg)  # policy == reference: r = 0, z0 = 0
+    assert at_init.tolist() == pytest.approx([(1.0 + 1.33) / 4] * 5, abs=1e-12)
+
+
+def test_reward_augmented_rows_condition_plain_and_chat_prompts():
+    import json as _json
+
+    from posttrain.algorithms.reward_augmented import augment_pair_row
+
+    row = {"id": "r1", "prompt": "Q?", "chosen": "good", "rejected": "meh", "messages": None,
+           "score_chosen": 9.0, "score_rejected": 6.5}
+    w, l = augment_pair_row(row)
+    assert (w["id"], w["prompt"], w["chosen"], w["rejected"]) == ("r1/w", "Target score: 9\nQ?", "good", "meh")
+    assert (l["id"], l["prompt"], l["chosen"], l["rejected"]) == ("r1/l", "Target score: 6.5\nQ?", "meh", "good")
+    chat = {**row, "prompt": "", "messages": _json.dumps([{"role": "system", "content": "be kind"},
+                                                          {"role": "user", "content": "Q?"}])}
+    w, l = augment_pair_row(chat, "[{score:g}] {prompt}")
+    assert _json.loads(w["messages"])[1] == {"role": "user", "content": "[9] Q?"} and w["prompt"] == ""
+    assert _json.loads(l["messages"]) == [{"role": "system", "content": "be kind"}, {"role": "user", "content": "[6.5] Q?"}]
+
+
+def test_xpo_bonus_is_alpha_times_the_reference_samples_log_prob():
+    pc = torch.tensor([-10.0, -4.0], dtype=f64, requires_grad=True)
+    pr = torch.tensor([-6.0, -8.0], dtype=f64, requires_grad=True)
+    bonus = D.xpo_bonus(pc, pr, alpha=1e-2)
+    assert bonus.tolist() == pytest.approx([-0.08, -0.06], abs=1e-12)  # 0.01 * mean of the pair's two log-probs
+    bonus.sum().backward()
+    assert pc.grad.tolist() == [0.005, 0.005] and pr.grad.tolist() == [0.005, 0.005]  # descent lowers log pi(y~)
+    assert D.xpo_bonus(pc, pr, alpha=0.0).tolist() == [0.0, 0.0]  # alpha = 0: online DPO

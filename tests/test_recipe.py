@@ -85,7 +85,7 @@ def test_ints_become_floats_and_exponents_parse(tmp_path: Path) -> None:
         ("train_split: sft", "optim: {lr: fast}", "stages.0.optim.lr", 7, "expected a number, got 'fast'"),
         ("path: /tmp/m", "path: 5", "model.path", 3, "expected a string, got 5"),
         ("kind: sft", "kind: stf", "stages.0.kind", 7, "did you mean 'sft'?"),
-        ("{kind: eval, ", "{", "stages.1.kind", 8, "missing required key 'kind' (one of: sft, eval, rest_em, dpo)"),
+        ("{kind: eval, ", "{", "stages.1.kind", 8, "missing required key 'kind' (one of: sft, eval, rest_em, dpo, reward_model)"),
         ("{kind: eval, data: arith,", "{kind: eval,", "stages.1.data", 8, "missing required key 'data'"),
         ("dtype: float32", "dtype: fp32", "model.dtype", 3, "expected one of 'float32', 'bfloat16', 'float16'"),
         ("data: arith, split", "data: arth, split", "stages.1.data", 8, "unknown dataset 'arth'"),
@@ -273,3 +273,78 @@ stages:
     with pytest.raises(RecipeError) as err:
         load_recipe(tmp_path / "r.yaml")
     assert any(i.field == "stages.0.data" and "verifier" in i.message and i.line == 6 for i in err.value.issues), str(err.value)
+
+
+# ------------------------------------------------------ preference stages
+PREF = """\
+name: prefs
+model: {path: /tmp/m}
+data:
+  pairs: {path: /tmp/p.jsonl, format: pairs}
+  arith: {task: arithmetic}
+stages:
+  - {kind: reward_model, name: rm, data: pairs, batch_size: 8, micro_batch_size: 2}
+  - {kind: dpo, data: pairs, batch_size: 8, micro_batch_size: 2, loss: {name: ipo, tau: 0.5}}
+  - {kind: dpo, name: online, data: arith, batch_size: 8, micro_batch_size: 2, online: {rounds: 2}}
+"""
+
+
+def test_preference_stages_load_with_their_defaults(tmp_path: Path) -> None:
+    from posttrain.algorithms.preference_config import IPOConfig
+    from posttrain.recipe.schema import DPOStage, RewardModelStage
+
+    rm, dpo, on = load_recipe(write(tmp_path, PREF)).stages
+    assert isinstance(rm, RewardModelStage) and rm.eval_fraction == 0.05 and rm.produces_policy is False
+    assert isinstance(dpo, DPOStage) and dpo.loss.build() == IPOConfig(tau=0.5) and dpo.packing and dpo.online is None
+    assert on.online.label == "verifier" and on.online.xpo_alpha == 0.0
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "phrase"),
+    [
+        ("loss: {name: ipo, tau: 0.5}", "loss: {name: ipo, beta: 0.5}", "stages.1.loss.beta", "ipo has no knob 'beta'"),
+        ("loss: {name: ipo, tau: 0.5}", "loss: {name: hdpo}", "stages.1.loss.name", "hdpo: "),
+        ("{kind: reward_model, name: rm, data: pairs,", "{kind: reward_model, name: rm, data: arith,", "stages.0.data",
+         "reward_model needs a pair dataset"),
+        ("{kind: dpo, data: pairs,", "{kind: dpo, data: arith,", "stages.1.data", "offline dpo needs a pair dataset"),
+        ("online: {rounds: 2}", "online: {rounds: 2, label: reward_model}", "stages.2.online.reward_model",
+         "exactly when label: reward_model"),
+        ("online: {rounds: 2}", "online: {rounds: 2, label: reward_model, reward_model: '@dpo'}",
+         "stages.2.online.reward_model", "'@dpo' must name an earlier reward_model stage"),
+        ("online: {rounds: 2}", "online: {rounds: 2, min_margin: 1}", "stages.2.online.min_margin",
+         "only applies to label: reward_model"),
+        ("name: online, data: arith", "name: online, data: pairs", "stages.2.data", "holds preference pairs"),
+        ("rm, data: pairs, batch_size: 8", "rm, data: pairs, eval_fraction: 1.5, batch_size: 8",
+         "stages.0.eval_fraction", "must be in [0, 1)"),
+        ("loss: {name: ipo, tau: 0.5}", "loss: {name: dpo}, reference_update: {mode: hard, tau: 4}",
+         "stages.1.reference_update", "needs `reference: live`"),
+        ("loss: {name: ipo, tau: 0.5}", "loss: {name: simpo}, reference: live", "stages.1.reference",
+         "simpo uses no reference model"),
+        ("loss: {name: ipo, tau: 0.5}", "loss: {name: kto, tau: 0.5}", "stages.1.loss.tau",
+         "kto has no knob 'tau' (its knobs: beta, desirable_weight, undesirable_weight)"),
+        ("batch_size: 8, micro_batch_size: 2}\n  - {kind: dpo, data: pairs",
+         "batch_size: 7, micro_batch_size: 2}\n  - {kind: dpo, data: pairs", "stages.0.batch_size", "must be a multiple"),
+    ],
+)
+def test_preference_stage_problems(tmp_path: Path, old: str, new: str, field: str, phrase: str) -> None:
+    assert old in PREF
+    issue = find(issues_of(tmp_path, PREF.replace(old, new, 1)), field)
+    assert phrase in issue.message, issue.message
+
+
+def test_online_dpo_labelled_by_a_reward_model_may_read_pair_prompts(tmp_path: Path) -> None:
+    text = PREF.replace("name: online, data: arith, batch_size: 8, micro_batch_size: 2, online: {rounds: 2}",
+                        "name: online, data: pairs, batch_size: 8, micro_batch_size: 2, "
+                        "online: {rounds: 2, label: reward_model, reward_model: '@rm', xpo_alpha: 1.0e-5}")
+    on = load_recipe(write(tmp_path, text)).stages[2]
+    assert on.online.reward_model == "@rm" and on.online.xpo_alpha == 1e-5
+
+
+def test_live_reference_is_refused_under_zero3_and_tr_dpo_under_lora(tmp_path: Path) -> None:
+    text = PREF.replace("loss: {name: ipo, tau: 0.5}", "reference: live, reference_update: {mode: soft, alpha: 0.6, tau: 2}")
+    stage = load_recipe(write(tmp_path, text)).stages[1]
+    assert stage.reference == "live" and stage.reference_update.tau == 2
+    text = text.replace("model: {path: /tmp/m}", "model: {path: /tmp/m, lora: {r: 4}}\ncluster: {learner: {zero_stage: 3}}")
+    issues = issues_of(tmp_path, text)
+    assert "ZeRO-3 would not partition" in find(issues, "stages.1.reference").message
+    assert "with LoRA only adapters train" in find(issues, "stages.1.reference_update").message

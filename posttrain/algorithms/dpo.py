@@ -213,3 +213,14 @@ def preference_loss(name: str, cfg, batch: PreferenceBatch) -> tuple[torch.Tenso
             "logps/rejected": batch.policy_rejected.mean().item(),
         }
     return losses, metrics
+
+
+def xpo_bonus(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, alpha: float) -> torch.Tensor:
+    """XPO's exploration term alpha * log pi(y~|x), y~ ~ pi_ref (Xie, Foster, Krishnamurthy, Rosset, Awadallah,
+    Rakhlin 2024, "Exploratory Preference Optimization", arXiv:2405.21046), per pair (B,).
+
+    Added to a DPO loss it lowers the policy's probability of what the reference already samples, an implicit
+    optimism bonus. In online rounds both responses of a pair are reference samples (the reference is the
+    round's starting policy), so y~ is either; averaging the two halves the variance. alpha = 0: online DPO.
+    """
+    return alpha * 0.5 * (policy_chosen + policy_rejected)

@@ -9,22 +9,9 @@ saturate, as in prospect theory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class KTOConfig:
-    beta: float = 0.1
-    desirable_weight: float = 1.0  # lambda_D; keep lambda_D n_D / (lambda_U n_U) in [1, 4/3]
-    undesirable_weight: float = 1.0  # lambda_U
-
-    def __post_init__(self):
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not (self.desirable_weight > 0 and self.undesirable_weight > 0):
-            raise ValueError(f"weights must be > 0, got {self.desirable_weight}, {self.undesirable_weight}")
+from posttrain.algorithms.preference_config import KTOConfig  # noqa: F401  (re-exported)
 
 
 def kto_reference_point(policy_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
@@ -62,3 +49,18 @@ def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, p
         if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
             metrics["rewards/margin"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return losses, metrics
+
+
+def kto_pair_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                  ref_rejected: torch.Tensor, policy_kl: torch.Tensor, ref_kl: torch.Tensor,
+                  cfg: KTOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """KTO on preference pairs taken apart: y_w desirable, y_l undesirable (B pairs -> 2B examples).
+
+    Returns the mean of each pair's two example losses (B,), so a pair-batched caller averages over the 2B
+    examples exactly as KTO does; at initialisation every entry is (lambda_D + lambda_U) / 4.
+    """
+    B = policy_chosen.shape[0]
+    desirable = torch.cat([torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)]).to(policy_chosen.device)
+    losses, metrics = kto_loss(torch.cat([policy_chosen, policy_rejected]), torch.cat([ref_chosen, ref_rejected]),
+                               desirable, policy_kl, ref_kl, cfg)  # (2B,)
+    return 0.5 * (losses[:B] + losses[B:]), metrics

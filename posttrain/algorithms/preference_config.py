@@ -99,6 +99,18 @@ class SimPOConfig:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
 
 
+@dataclass(frozen=True)
+class KTOConfig:
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # lambda_D; keep lambda_D n_D / (lambda_U n_U) in [1, 4/3]
+    undesirable_weight: float = 1.0  # lambda_U
+
+    def __post_init__(self):
+        _check_beta(self.beta)
+        if not (self.desirable_weight > 0 and self.undesirable_weight > 0):
+            raise ValueError(f"weights must be > 0, got {self.desirable_weight}, {self.undesirable_weight}")
+
+
 PAIRWISE_CONFIGS: dict[str, type] = {
     "dpo": DPOConfig,
     "cdpo": CDPOConfig,
@@ -109,3 +121,7 @@ PAIRWISE_CONFIGS: dict[str, type] = {
     "exo": EXOConfig,
     "simpo": SimPOConfig,
 }
+
+# Every loss a dpo stage can train with: the pairwise ones, and KTO on the pairs unpaired (chosen desirable,
+# rejected undesirable).
+LOSS_CONFIGS: dict[str, type] = {**PAIRWISE_CONFIGS, "kto": KTOConfig}

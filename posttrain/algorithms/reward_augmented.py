@@ -10,6 +10,8 @@ highest score at inference.
 
 from __future__ import annotations
 
+import json
+
 DEFAULT_TEMPLATE = "Target score: {score:g}\n{prompt}"
 
 
@@ -33,3 +35,21 @@ def reward_augment(prompt: str, chosen: str, rejected: str, score_chosen: float,
         {"prompt": condition_prompt(prompt, score_chosen, template), "chosen": chosen, "rejected": rejected},
         {"prompt": condition_prompt(prompt, score_rejected, template), "chosen": rejected, "rejected": chosen},
     ]
+
+
+def augment_pair_row(row: dict, template: str = DEFAULT_TEMPLATE) -> list[dict]:
+    """reward_augment on a loaded pair row (id, prompt or JSON `messages`, chosen, rejected, score_chosen,
+    score_rejected): two rows with ids suffixed /w and /l. A conversational prompt is conditioned in its last
+    user message, so the chat template still frames it."""
+    out = []
+    for suffix, ex in zip(("/w", "/l"), reward_augment(row["prompt"], row["chosen"], row["rejected"],
+                                                        row["score_chosen"], row["score_rejected"], template)):
+        new = {**row, **ex, "id": f"{row['id']}{suffix}"}
+        if row.get("messages"):
+            score = row["score_chosen"] if suffix == "/w" else row["score_rejected"]
+            messages = json.loads(row["messages"])
+            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[last] = {**messages[last], "content": condition_prompt(messages[last]["content"], score, template)}
+            new.update(prompt=row["prompt"], messages=json.dumps(messages))
+        out.append(new)
+    return out

@@ -112,6 +112,31 @@ class PairExample:
     rejected: Example  # same prompt tokens as `chosen`
     ref_chosen: float | None = None  # summed reference log-probs of the completions (filled before training)
     ref_rejected: float | None = None
+    kl: Example | None = None  # KTO: this prompt with another pair's response, for the KL reference point
+    ref_kl: float | None = None
+
+    def sequences(self) -> list[Example]:
+        return [self.chosen, self.rejected] + ([self.kl] if self.kl is not None else [])
+
+    def references(self) -> list[float | None]:
+        return [self.ref_chosen, self.ref_rejected] + ([self.ref_kl] if self.kl is not None else [])
+
+    def set_references(self, logps: list[float]) -> None:
+        self.ref_chosen, self.ref_rejected = logps[0], logps[1]
+        if self.kl is not None:
+            self.ref_kl = logps[2]
+
+
+def attach_mismatched(pairs: list[PairExample], max_length: int) -> None:
+    """KTO's KL examples: pair k's prompt with pair k+1's chosen response (cyclically), cut to max_length.
+
+    Fixed per data set rather than drawn per batch, so their reference log-probs can be computed once.
+    """
+    for k, p in enumerate(pairs):
+        other = pairs[(k + 1) % len(pairs)].chosen
+        prompt = p.chosen.input_ids[: p.chosen.n_prompt]
+        response = other.input_ids[other.n_prompt :][: max(1, max_length - len(prompt))]
+        p.kl = Example(prompt + response, len(prompt))
 
 
 @dataclass
@@ -178,31 +203,40 @@ def pack(examples: list[Example], pad_id: int, capacity: int | None) -> PackedBa
 
 @dataclass
 class PairBatch:
-    """P pairs as 2P packed sequences: the chosen completions first, then the rejected ones."""
+    """P pairs as packed sequences: the P chosen completions, then the P rejected ones (then, for KTO, the P
+    mismatched KL sequences)."""
 
     tokens: PackedBatch
-    ref_logps: torch.Tensor | None  # (2P,) in the same order, or None before the reference pass
-
-    @property
-    def n_pairs(self) -> int:
-        return self.tokens.n_seqs // 2
+    ref_logps: torch.Tensor | None  # (2P or 3P,) in the same order, or None before the reference pass
+    n_pairs: int
 
 
 def collate_pairs(pairs: list[PairExample], pad_id: int, capacity: int | None = None) -> PairBatch:
     """capacity: pack into rows of that many tokens (padding-free); None: one sequence per padded row."""
-    tokens = pack([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, capacity)
-    if any(p.ref_chosen is None for p in pairs):
-        return PairBatch(tokens, None)
-    ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32)
-    return PairBatch(tokens, ref)
+    columns = list(zip(*(p.sequences() for p in pairs)))  # [chosen...], [rejected...], ([kl...])
+    tokens = pack([e for col in columns for e in col], pad_id, capacity)
+    refs = list(zip(*(p.references() for p in pairs)))
+    if any(r is None for col in refs for r in col):
+        return PairBatch(tokens, None, len(pairs))
+    return PairBatch(tokens, torch.tensor([r for col in refs for r in col], dtype=torch.float32), len(pairs))
 
 
-def shard_pairs(pairs: list[PairExample], world_size: int, micro_batch_size: int, pad_id: int,
-                capacity: int | None = None) -> list[list[PairBatch]]:
-    """One optimizer step's pairs as [rank][micro-batch] PairBatches (length-sorted, dealt round-robin)."""
+def deal_pairs(pairs: list[PairExample], world_size: int, micro_batch_size: int) -> list[list[list[PairExample]]]:
+    """One optimizer step's pairs as [rank][micro-batch] lists: length-sorted, dealt round-robin to ranks."""
     per_rank = len(pairs) // world_size
     if per_rank * world_size != len(pairs) or per_rank % micro_batch_size:
         raise ValueError(f"{len(pairs)} pairs do not split into {world_size} ranks x micro-batches of {micro_batch_size}")
     ordered = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
     micro = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
-    return [[collate_pairs(mb, pad_id, capacity) for mb in micro[r::world_size]] for r in range(world_size)]
+    return [micro[r::world_size] for r in range(world_size)]
+
+
+def shard_pairs(pairs: list[PairExample], world_size: int, micro_batch_size: int, pad_id: int,
+                capacity: int | None = None) -> list[list[PairBatch]]:
+    """One optimizer step's pairs as [rank][micro-batch] PairBatches."""
+    return [[collate_pairs(mb, pad_id, capacity) for mb in rank] for rank in deal_pairs(pairs, world_size, micro_batch_size)]
+
+
+def collate_pair_rows(pairs: list[PairExample], pad_id: int) -> TokenBatch:
+    """P pairs as 2P right-padded rows, chosen first (reward models read each row's last token)."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)

@@ -1,6 +1,7 @@
 """Preference pairs (DPO family): rows loaded with the same code as `datasets.py`, normalised to
 
-  id (str), prompt (str), chosen (str), rejected (str), messages (str | None)
+  id (str), prompt (str), chosen (str), rejected (str), messages (str | None),
+  score_chosen, score_rejected (float | None: judge scores, when the rows carry them), row (int, 1-based)
 
 `chosen` and `rejected` are the two completions of one shared prompt. Conversational rows keep their
 prompt as JSON `messages` (rendered with the model's chat template at tokenisation) and an empty `prompt`,
@@ -60,6 +61,9 @@ class PairRow(TypedDict):
     chosen: str  # the preferred completion
     rejected: str  # the dispreferred completion
     messages: str | None  # JSON list of {role, content}: the conversational prompt, else None
+    score_chosen: float | None  # judge / reward scores when the data has them (UltraFeedback style), else None
+    score_rejected: float | None
+    row: int  # 1-based row number in the source (the line of a JSON-lines file), for reports
 
 
 class PairError(ValueError):
@@ -174,7 +178,18 @@ def _prompt_chosen_rejected(row: dict[str, Any], rid: str) -> tuple[PairRow, int
     if not prompt.strip():
         raise PairError(MISSING, "'prompt' is empty")
     _check_completions(chosen, rejected)
-    return PairRow(id=rid, prompt=prompt, chosen=chosen, rejected=rejected, messages=None), len(prompt)
+    return PairRow(id=rid, prompt=prompt, chosen=chosen, rejected=rejected, messages=None, **_scores(row)), len(prompt)
+
+
+def _scores(row: dict[str, Any]) -> dict[str, float | None]:
+    """Optional score_chosen / score_rejected columns: numbers, or absent."""
+    out: dict[str, float | None] = {}
+    for key in ("score_chosen", "score_rejected"):
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise PairError(MISSING, f"{key!r} must be a number, not {type(value).__name__}")
+        out[key] = None if value is None else float(value)
+    return out
 
 
 def _is_message(m: Any) -> bool:
@@ -206,13 +221,13 @@ def _conversational(row: dict[str, Any], rid: str) -> tuple[PairRow, int]:
     chosen, rejected = _completion_text(row, "chosen"), _completion_text(row, "rejected")
     _check_completions(chosen, rejected)
     history = [{"role": m["role"], "content": m["content"]} for m in prompt]
-    return (PairRow(id=rid, prompt="", chosen=chosen, rejected=rejected, messages=json.dumps(history)),
+    return (PairRow(id=rid, prompt="", chosen=chosen, rejected=rejected, messages=json.dumps(history), **_scores(row)),
             sum(len(m["content"]) for m in history))
 
 
 def _hh(row: dict[str, Any], rid: str) -> tuple[PairRow, int]:
     prompt, chosen, rejected = split_hh(_text(row, "chosen"), _text(row, "rejected"))
-    return PairRow(id=rid, prompt=prompt, chosen=chosen, rejected=rejected, messages=None), len(prompt)
+    return PairRow(id=rid, prompt=prompt, chosen=chosen, rejected=rejected, messages=None, **_scores(row)), len(prompt)
 
 
 ADAPTERS: dict[str, Callable[[dict[str, Any], str], tuple[PairRow, int]]] = {
@@ -222,11 +237,14 @@ ADAPTERS: dict[str, Callable[[dict[str, Any], str], tuple[PairRow, int]]] = {
 }
 
 
-def adapt_row(fmt: str, row: dict[str, Any], rid: str, max_chars: int | None = None) -> PairRow:
+def adapt_row(fmt: str, row: dict[str, Any], rid: str, max_chars: int | None = None,
+              require_scores: bool = False) -> PairRow:
     """One raw row -> PairRow, or PairError naming the reason it is unusable."""
     if fmt not in ADAPTERS:
         raise PosttrainError(f"unknown preference-pair format {fmt!r} (use one of {', '.join(FORMATS)})")
     pair, prompt_chars = ADAPTERS[fmt](row, rid)
+    if require_scores and (pair["score_chosen"] is None or pair["score_rejected"] is None):
+        raise PairError(MISSING, "no 'score_chosen' / 'score_rejected' (reward-augmented training needs both)")
     if max_chars is not None:
         size = prompt_chars + max(len(pair["chosen"]), len(pair["rejected"]))
         if size > max_chars:
@@ -236,12 +254,14 @@ def adapt_row(fmt: str, row: dict[str, Any], rid: str, max_chars: int | None = N
 
 # ------------------------------------------------------------------- loading
 def load_pairs(name: str, path: str, fmt: str, split: str, *, max_rows: int | None = None,
-               skip_bad_rows: bool = True, max_chars: int | None = None) -> tuple[datasets.Dataset, PairReport]:
+               skip_bad_rows: bool = True, max_chars: int | None = None,
+               require_scores: bool = False) -> tuple[datasets.Dataset, PairReport]:
     """Load one split of preference pairs from a local file/directory or a hub id (as `datasets.py` does).
 
     Bad rows are skipped and counted in the report, or with skip_bad_rows=False the first one raises
     PosttrainError naming the dataset, its row number and the reason. max_rows stops once that many
-    rows are kept; max_chars drops rows whose prompt + longer completion exceeds it (characters).
+    rows are kept; max_chars drops rows whose prompt + longer completion exceeds it (characters);
+    require_scores drops rows without numeric score_chosen and score_rejected.
     """
     if fmt not in ADAPTERS:
         raise PosttrainError(f"data.{name}: unknown preference-pair format {fmt!r} (use one of {', '.join(FORMATS)})")
@@ -259,7 +279,7 @@ def load_pairs(name: str, path: str, fmt: str, split: str, *, max_rows: int | No
         row_number = row.get("_line", i + 1)
         rid = str(row.get("id") or f"{name}-{split}-{i:06d}")
         try:
-            kept.append(adapt_row(fmt, row, rid, max_chars))
+            kept.append({**adapt_row(fmt, row, rid, max_chars, require_scores), "row": row_number})
         except PairError as exc:
             if not skip_bad_rows:
                 raise PosttrainError(

@@ -49,15 +49,20 @@ def run_eval(ctx: StageContext) -> StageResult:
     return StageResult(metrics, None)
 
 
+def sampler_actors(recipe: Recipe, model_path: str):
+    """Sampler actors serving `model_path` (a context manager that removes them on exit)."""
+    scfg = recipe.cluster.sampler
+    return spawn(SAMPLER_BACKENDS[scfg.backend], Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
+                 [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)))] * scfg.actors)
+
+
 @contextmanager
 def policy_actors(recipe: Recipe, model_path: str, verifier: str) -> Iterator[tuple[list, list]]:
     """Sampler actors serving `model_path` and verifier actors, removed on exit."""
-    scfg, vcfg = recipe.cluster.sampler, recipe.cluster.verifier
-    samplers = spawn(SAMPLER_BACKENDS[scfg.backend], Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
-                     [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)))] * scfg.actors)
+    vcfg = recipe.cluster.verifier
     workers = vcfg.workers or max(1, round(vcfg.cpus))  # concurrent checks per verifier actor
     verifiers = spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0), [(verifier, workers)] * vcfg.actors)
-    with samplers as s_actors, verifiers as v_actors:
+    with sampler_actors(recipe, model_path) as s_actors, verifiers as v_actors:
         yield s_actors, v_actors
 
 

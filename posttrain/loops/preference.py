@@ -16,17 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain.cluster import gather
-from posttrain.data.batching import (Example, PairExample, collate_pairs, encode_example, encode_prompt, shard_pairs,
-                                     step_indices)
+from posttrain.algorithms.reward_augmented import augment_pair_row
+from posttrain.cluster import Demand, gather, spawn
+from posttrain.data.batching import (Example, PairExample, attach_mismatched, collate_pairs, encode_example, encode_prompt,
+                                     shard_pairs, step_indices)
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
-from posttrain.loops.evaluate import policy_actors, sample, verify, write_samples
+from posttrain.loops.evaluate import policy_actors, sample, sampler_actors, verify, write_samples
 from posttrain.loops.supervised import learner_group, save_step
 from posttrain.models.load import load_tokenizer
 from posttrain.recipe.schema import PAIR_FORMATS, DPOStage
 from posttrain.stage import StageContext, StageResult
 from posttrain.tracking import format_metrics, progress
+from posttrain.workers.reward_model import RewardModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def run_dpo(ctx: StageContext) -> StageResult:
     stage: DPOStage = ctx.stage
     tok = load_tokenizer(ctx.model_path)
     if stage.online is None:
-        pairs = _offline_pairs(ctx, tok)
+        pairs = pair_examples(ctx, tok, ctx.stage.train_split)
         return train_pairs(ctx, ctx.model_path, pairs, ctx.stage_dir, ctx.resume, tok.pad_token_id)
     return _online_rounds(ctx, tok)
 
@@ -54,22 +56,28 @@ def _encode_pair(tok, prompt_row: dict, chosen: str, rejected: str, max_length: 
     return PairExample(c, r)
 
 
-def _offline_pairs(ctx: StageContext, tok) -> list[PairExample]:
+def pair_examples(ctx: StageContext, tok, split: str) -> list[PairExample]:
+    """A pair dataset's split, tokenised; bad rows and over-long pairs are reported (and skipped if the stage says so)."""
     from posttrain.data.pairs import load_pairs
 
     stage, cfg = ctx.stage, ctx.recipe.data[ctx.stage.data]
-    rows, _ = load_pairs(stage.data, cfg.path, PAIR_FORMATS[cfg.format], stage.train_split,
-                              max_rows=cfg.max_rows, skip_bad_rows=stage.skip_bad_rows)
+    augmented = getattr(stage, "reward_augmented", None)
+    rows, _ = load_pairs(stage.data, cfg.path, PAIR_FORMATS[cfg.format], split, max_rows=cfg.max_rows,
+                         skip_bad_rows=stage.skip_bad_rows, require_scores=augmented is not None)
+    if augmented is not None:
+        rows = [r for row in rows for r in augment_pair_row(row, augmented.template)]
     pairs, too_long = [], []
     for row in rows:
         pair = _encode_pair(tok, {"prompt": row["prompt"], "messages": row["messages"]}, row["chosen"], row["rejected"],
                             stage.max_length)
         if pair is None:
-            too_long.append(row["id"])
+            too_long.append(row["row"])
         else:
             pairs.append(pair)
     if too_long:
-        msg = f"{len(too_long)} of {len(rows)} pairs are longer than max_length={stage.max_length} (first: {too_long[:3]})"
+        rows_at = ", ".join(map(str, too_long[:5])) + (" ..." if len(too_long) > 5 else "")
+        msg = (f"{len(too_long)} of {len(rows)} pairs of {stage.data}:{split} are longer than max_length="
+               f"{stage.max_length} tokens (rows {rows_at})")
         if not stage.skip_bad_rows:
             raise PosttrainError(f"stage {stage.name!r}: {msg}; raise max_length or set skip_bad_rows: true")
         log.warning("%s: skipped %s", stage.name, msg)
@@ -87,22 +95,22 @@ def _reference_pass(learners, pairs: list[PairExample], world: int, mbs: int, pa
     batches = [collate_pairs(mb, pad_id, capacity) for mb in padded]
     outs = gather([lr.sequence_logps.remote(batches[r::world]) for r, lr in enumerate(learners)])
     for i, mb in enumerate(micro):
-        logps = outs[i % world][i // world]
+        logps = outs[i % world][i // world]  # columns of len(mb): chosen, rejected (, kl)
         for j, p in enumerate(mb):
-            p.ref_chosen, p.ref_rejected = logps[j], logps[len(mb) + j]
+            p.set_references(logps[j :: len(mb)])
 
 
 def _load_or_compute_reference(path: Path, learners, pairs, world, mbs, pad_id, capacity) -> None:
     if path.exists():  # a resumed run: the reference is the weights the stage started from, not the checkpoint's
         saved = json.loads(path.read_text())
-        if len(saved) == len(pairs):
-            for p, (c, r) in zip(pairs, saved):
-                p.ref_chosen, p.ref_rejected = c, r
+        if len(saved) == len(pairs) and all(len(s) == len(p.sequences()) for s, p in zip(saved, pairs)):
+            for p, logps in zip(pairs, saved):
+                p.set_references(logps)
             return
     _reference_pass(learners, pairs, world, mbs, pad_id, capacity)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([[p.ref_chosen, p.ref_rejected] for p in pairs]))
+    tmp.write_text(json.dumps([p.references() for p in pairs]))
     tmp.replace(path)
 
 
@@ -115,9 +123,14 @@ def train_pairs(ctx: StageContext, model_path: str, pairs: list[PairExample], ou
         raise PosttrainError(f"stage {stage.name!r}: {len(pairs)} usable pair(s), fewer than batch_size={stage.batch_size}")
     loss_name, loss_cfg = stage.loss.name, stage.loss.build()
     capacity = stage.max_length if stage.packing else None  # every kept pair's sequences fit a row of max_length
-    with learner_group(ctx, model_path, stage, out_dir / "checkpoints", resume, f"{len(pairs)} pairs, loss {loss_name}") \
+    if loss_name == "kto":
+        attach_mismatched(pairs, stage.max_length)
+    xpo_alpha = stage.online.xpo_alpha if stage.online else 0.0
+    live = stage.reference == "live"
+    with learner_group(ctx, model_path, stage, out_dir / "checkpoints", resume, f"{len(pairs)} pairs, loss {loss_name}",
+                       live_reference=live, reference_update=stage.reference_update) \
             as (learners, counts, start, resume_from):
-        if loss_name not in REFERENCE_FREE:
+        if loss_name not in REFERENCE_FREE and not live:
             _load_or_compute_reference(out_dir / "reference_logps.json", learners, pairs, world, mbs, pad_id,
                                        capacity)
         metrics: dict[str, float] = {"pairs": float(len(pairs))}
@@ -128,7 +141,7 @@ def train_pairs(ctx: StageContext, model_path: str, pairs: list[PairExample], ou
         for step in range(start, stage.steps):
             batch = [pairs[i] for i in step_indices(len(pairs), stage.batch_size, step, ctx.recipe.seed)]
             shards = shard_pairs(batch, world, mbs, pad_id, capacity)
-            outs = gather([lr.preference_step.remote(step, shards[r], len(batch), loss_name, loss_cfg)
+            outs = gather([lr.preference_step.remote(step, shards[r], len(batch), loss_name, loss_cfg, xpo_alpha)
                            for r, lr in enumerate(learners)])
             for o in outs:
                 for k, v in o.items():
@@ -143,7 +156,7 @@ def train_pairs(ctx: StageContext, model_path: str, pairs: list[PairExample], ou
                        "pairs_per_s": n / (time.perf_counter() - t_log)}
                 metrics.update({f"train_{k}": v for k, v in row.items() if k in ("loss", "rewards/accuracy", "rewards/margin")})
                 ctx.log(done, {f"{log_prefix}{k}": v for k, v in row.items()})
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margin']:.3f}")
                 window, t_log = {}, time.perf_counter()
             if done % stage.save_every == 0 or done == stage.steps:
                 last_ckpt = str(save_step(learners, out_dir / "checkpoints", done, stage.keep_last, world,
@@ -175,12 +188,88 @@ def verified_pairs(prompt_index: list[int], texts: list[str], correct: list[bool
     return out
 
 
+def ranked_pairs(prompt_index: list[int], texts: list[str], scores: list[float], finished: list[bool],
+                 max_per_problem: int, min_margin: float) -> list[tuple[int, int, int]]:
+    """(problem, chosen sample, rejected sample) from reward-model scores: the i-th best distinct finished response
+    against the i-th worst (best vs worst first), while the chosen one scores more than min_margin higher."""
+    by_problem: dict[int, list[int]] = {}
+    for i, (p, text, done) in enumerate(zip(prompt_index, texts, finished)):
+        bucket = by_problem.setdefault(p, [])
+        if done and all(texts[j] != text for j in bucket):
+            bucket.append(i)
+    out = []
+    for p in sorted(by_problem):
+        ranked = sorted(by_problem[p], key=lambda i: -scores[i])  # stable: ties keep sample order
+        for k in range(min(max_per_problem, len(ranked) // 2)):
+            c, r = ranked[k], ranked[-1 - k]
+            if scores[c] - scores[r] <= min_margin:
+                break
+            out.append((p, c, r))
+    return out
+
+
+def _label_with_verifier(ctx, policy, rows, idx, prompts, rnd) -> tuple:
+    """Sample K per problem and pair verified against failed responses. Returns (rollouts, triples, metrics)."""
+    online, data = ctx.stage.online, ctx.recipe.data[ctx.stage.data]
+    with policy_actors(ctx.recipe, policy, data.verifier) as (samplers, verifiers):
+        roll = _sample_round(ctx, samplers, [prompts[i] for i in idx], rnd)
+        answers, ids = list(rows["answer"]), list(rows["id"])  # columns once, not a Dataset lookup per problem
+        verdicts = verify(verifiers, roll, [answers[i] for i in idx], [ids[i] for i in idx])
+    correct = [v.correct for v in verdicts]
+    write_samples(ctx.stage_dir / f"round-{rnd + 1}" / "samples.jsonl", rows.select(idx), roll, verdicts)
+    triples = verified_pairs(roll.prompt_index, roll.text, correct, roll.finished, online.max_pairs_per_problem)
+    return roll, triples, {"sample_pass@1": float(np.mean(correct))}
+
+
+def _label_with_reward_model(ctx, policy, rows, idx, prompts, rnd) -> tuple:
+    """Sample K per problem, score every response with the reward model, pair best against worst."""
+    online, recipe = ctx.stage.online, ctx.recipe
+    with sampler_actors(recipe, policy) as samplers:
+        roll = _sample_round(ctx, samplers, [prompts[i] for i in idx], rnd)
+    sub = rows.select(idx)
+    texts, ids = list(sub["prompt"]), list(sub["id"])
+    messages = list(sub["messages"]) if "messages" in sub.column_names else [None] * len(sub)
+    prompt_rows = [{"prompt": texts[p], "messages": messages[p]} for p in roll.prompt_index]
+    rm, cfg = ctx.resolve(online.reward_model), recipe.cluster.reward_model
+    with spawn(RewardModelWorker, Demand("reward_model", cfg.actors, cfg.cpus, cfg.gpus),
+               [(rm, recipe.model.dtype, max(1, int(cfg.cpus)), cfg.batch_size)] * cfg.actors) as scorers:
+        chunks = [list(range(j, len(roll.text), len(scorers))) for j in range(len(scorers))]
+        outs = gather([s.score.remote([prompt_rows[i] for i in c], [roll.text[i] for i in c])
+                       for s, c in zip(scorers, chunks)])
+    scores = [0.0] * len(roll.text)
+    for c, out in zip(chunks, outs):
+        for i, r in zip(c, out):
+            scores[i] = r
+    path = ctx.stage_dir / f"round-{rnd + 1}" / "samples.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for p, text, r, done in zip(roll.prompt_index, roll.text, scores, roll.finished):
+            fh.write(json.dumps({"id": ids[p], "prompt": texts[p], "completion": text, "reward": r,
+                                 "finished": done}) + "\n")
+    triples = ranked_pairs(roll.prompt_index, roll.text, scores, roll.finished, online.max_pairs_per_problem,
+                           online.min_margin)
+    return roll, triples, {"sample_reward_mean": float(np.mean(scores))}
+
+
+def _sample_round(ctx, samplers, prompts, rnd):
+    online = ctx.stage.online
+    return sample(samplers, prompts, online.samples_per_problem, online.sampling, ctx.recipe.cluster.sampler.batch_size,
+                  f"{ctx.stage.name} round {rnd + 1} sample", seed=ctx.recipe.seed + 7919 * (rnd + 1))
+
+
 def _online_rounds(ctx: StageContext, tok) -> StageResult:
     stage: DPOStage = ctx.stage
     online = stage.online
-    rows = load_split(stage.data, ctx.recipe.data[stage.data], stage.train_split)
+    cfg = ctx.recipe.data[stage.data]
+    if cfg.format in PAIR_FORMATS:  # a pair dataset's prompts (their responses are not used): reward-model labels
+        from posttrain.data.pairs import load_pairs
+
+        rows, _ = load_pairs(stage.data, cfg.path, PAIR_FORMATS[cfg.format], stage.train_split, max_rows=cfg.max_rows,
+                             skip_bad_rows=True)
+    else:
+        rows = load_split(stage.data, cfg, stage.train_split)
     prompts = [encode_prompt(tok, r) for r in rows]
-    answers, ids = list(rows["answer"]), list(rows["id"])
+    label = _label_with_reward_model if online.label == "reward_model" else _label_with_verifier
     table_path = ctx.stage_dir / "rounds.json"
     table: list[dict] = json.loads(table_path.read_text()) if ctx.resume and table_path.exists() else []
     policy = table[-1]["checkpoint"] if table else ctx.model_path
@@ -190,14 +279,7 @@ def _online_rounds(ctx: StageContext, tok) -> StageResult:
         if online.problems_per_round is not None and online.problems_per_round < len(rows):
             idx = sorted(np.random.default_rng([ctx.recipe.seed, rnd]).choice(len(rows), online.problems_per_round,
                                                                                 replace=False).tolist())
-        with policy_actors(ctx.recipe, policy, ctx.recipe.data[stage.data].verifier) as (samplers, verifiers):
-            roll = sample(samplers, [prompts[i] for i in idx], online.samples_per_problem, online.sampling,
-                          ctx.recipe.cluster.sampler.batch_size, f"{stage.name} round {rnd + 1} sample",
-                          seed=ctx.recipe.seed + 7919 * (rnd + 1))
-            verdicts = verify(verifiers, roll, [answers[i] for i in idx], [ids[i] for i in idx])
-        correct = [v.correct for v in verdicts]
-        write_samples(ctx.stage_dir / f"round-{rnd + 1}" / "samples.jsonl", rows.select(idx), roll, verdicts)
-        triples = verified_pairs(roll.prompt_index, roll.text, correct, roll.finished, online.max_pairs_per_problem)
+        roll, triples, label_metrics = label(ctx, policy, rows, idx, prompts, rnd)
         pairs = []
         for p, c, r in triples:  # completion tokens exactly as sampled (no re-tokenisation of the text)
             prompt = list(prompts[idx[p]])
@@ -207,7 +289,7 @@ def _online_rounds(ctx: StageContext, tok) -> StageResult:
         if len(pairs) < len(triples):
             log.warning("%s round %d: %d of %d pairs are longer than max_length=%d and were left out", stage.name,
                         rnd + 1, len(triples) - len(pairs), len(triples), stage.max_length)
-        row = {"round": rnd + 1, "sample_pass@1": float(np.mean(correct)), "pairs": len(pairs),
+        row = {"round": rnd + 1, **label_metrics, "pairs": len(pairs),
                "problems_with_pairs": len({p for p, _, _ in triples})}
         log.info("%s round %d: %s", stage.name, rnd + 1, format_metrics(row))
         result = train_pairs(ctx, policy, pairs, ctx.stage_dir / f"round-{rnd + 1}", resume=False,
@@ -221,5 +303,6 @@ def _online_rounds(ctx: StageContext, tok) -> StageResult:
         tmp.replace(table_path)
         ctx.log(rnd + 1, {k: v for k, v in row.items() if isinstance(v, (int, float))})
     final = table[-1]
-    metrics = {k: float(v) for k, v in final.items() if k.startswith("train_") or k in ("pairs", "sample_pass@1")}
+    metrics = {k: float(v) for k, v in final.items()
+               if k.startswith(("train_", "sample_")) or k == "pairs"}
     return StageResult(metrics, policy, {"rounds": table})

@@ -82,11 +82,13 @@ def train_examples(ctx: StageContext, model_path: str, train: list[Example], hel
 
 
 @contextmanager
-def learner_group(ctx: StageContext, model_path: str, plan, ckpt_root: Path, resume: bool, what: str):
+def learner_group(ctx: StageContext, model_path: str, plan, ckpt_root: Path, resume: bool, what: str,
+                  **spec_extra):
     """The learner actors for one training run, set up and (when resuming) restored from the last checkpoint.
 
     Yields (learners, parameter counts, first step, (path, state) resumed from or None); the actors are
-    removed on exit. `plan` carries steps, batch_size, micro_batch_size and optim.
+    removed on exit. `plan` carries steps, batch_size, micro_batch_size and optim; `spec_extra` sets other
+    LearnerSpec fields (head, live_reference, reference_update).
     """
     recipe, lcfg = ctx.recipe, ctx.recipe.cluster.learner
     world, mbs = lcfg.actors, plan.micro_batch_size
@@ -94,7 +96,7 @@ def learner_group(ctx: StageContext, model_path: str, plan, ckpt_root: Path, res
     spec = LearnerSpec(
         model_path=model_path, dtype=recipe.model.dtype, lora=recipe.model.lora, optim=plan.optim,
         total_steps=plan.steps, micro_batches_per_step=plan.batch_size // (world * mbs), micro_batch_size=mbs,
-        backend=lcfg.backend, zero_stage=lcfg.zero_stage, seed=recipe.seed, threads=max(1, int(lcfg.cpus)),
+        backend=lcfg.backend, zero_stage=lcfg.zero_stage, seed=recipe.seed, threads=max(1, int(lcfg.cpus)), **spec_extra,
     )
     group = spawn(LearnerWorker, Demand("learner", world, lcfg.cpus, lcfg.gpus),
                   [(rank, world, spec) for rank in range(world)], pack=True)

@@ -91,6 +91,41 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", lora: LoraConfig | 
     return model
 
 
+def load_reward_model(path: str | Path, dtype: str = "float32", lora: LoraConfig | None = None,
+                      trainable: bool = True):
+    """A sequence-level scalar reward model (`AutoModelForSequenceClassification`, one label).
+
+    From a causal-LM checkpoint the scalar head `score` is new (randomly initialised) and the body is the
+    policy's; from a reward-model checkpoint both are restored. The score is read at the last non-pad token,
+    so the model must know the pad id.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    torch_dtype = DTYPES[dtype]
+    pad_id = load_tokenizer(path).pad_token_id
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(adapter_base(path), num_labels=1, dtype=torch_dtype,
+                                                                  pad_token_id=pad_id)
+        model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable and lora is not None)
+        if not (trainable and lora is not None):
+            model = model.merge_and_unload()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch_dtype,
+                                                                   pad_token_id=pad_id)
+        if trainable and lora is not None:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import get_peft_model
+
+            # SEQ_CLS keeps the new scalar head fully trainable (and saved) beside the adapters.
+            model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                         target_modules=list(lora.target_modules), task_type="SEQ_CLS"))
+    if not trainable:
+        model.eval()
+    return model
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write base + LoRA merged weights as a plain Hugging Face model (for vLLM or transformers)."""
     if not is_adapter_dir(adapter_dir):

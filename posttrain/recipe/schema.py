@@ -9,9 +9,10 @@ in each section's `problems()` method, which returns `(field, message)` pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
-from posttrain.algorithms.preference_config import PAIRWISE_CONFIGS
+from posttrain.algorithms.preference_config import LOSS_CONFIGS
+from posttrain.algorithms.reward_augmented import DEFAULT_TEMPLATE as REWARD_AUGMENTED_TEMPLATE
 from posttrain.data.tasks.arithmetic import ArithmeticConfig
 from posttrain.data.tasks.functions import FunctionsConfig
 from posttrain.models.tiny import TinyConfig
@@ -145,6 +146,19 @@ class VerifierConfig:
 
 
 @dataclass
+class RewardModelServiceConfig:
+    """RewardModelWorker actors: score responses with a trained reward model (online DPO labelling)."""
+
+    actors: int = 1
+    cpus: float = 1.0
+    gpus: float = 0.0
+    batch_size: int = 16  # sequences per forward pass
+
+    def problems(self) -> Problems:
+        return [(k, "must be >= 1") for k in ("actors", "batch_size") if getattr(self, k) < 1]
+
+
+@dataclass
 class ClusterConfig:
     """Where the actors run: an embedded local Ray, or an existing cluster."""
 
@@ -154,6 +168,7 @@ class ClusterConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    reward_model: RewardModelServiceConfig = field(default_factory=RewardModelServiceConfig)
 
 
 # ------------------------------------------------------------------ tracking
@@ -342,7 +357,7 @@ PAIR_FORMATS = {"pairs": "prompt_chosen_rejected", "pairs_conversational": "conv
 class PreferenceLossConfig:
     """A DPO-family loss and its knobs; unset knobs take the method's defaults (algorithms/preference_config.py)."""
 
-    name: Literal["dpo", "cdpo", "rdpo", "ipo", "rpo", "hdpo", "exo", "simpo"] = "dpo"
+    name: Literal["dpo", "cdpo", "rdpo", "ipo", "rpo", "hdpo", "exo", "simpo", "kto"] = "dpo"
     beta: float | None = None
     label_smoothing: float | None = None  # cdpo
     flip_rate: float | None = None  # rdpo
@@ -351,16 +366,18 @@ class PreferenceLossConfig:
     alpha: float | None = None  # hdpo (required there)
     epsilon: float | None = None  # exo
     gamma: float | None = None  # simpo
+    desirable_weight: float | None = None  # kto: lambda_D (the chosen responses)
+    undesirable_weight: float | None = None  # kto: lambda_U (the rejected responses)
 
     def knobs(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name" and getattr(self, f.name) is not None}
 
     def build(self):
         """The algorithm's own config object (validated there)."""
-        return PAIRWISE_CONFIGS[self.name](**self.knobs())
+        return LOSS_CONFIGS[self.name](**self.knobs())
 
     def problems(self) -> Problems:
-        allowed = {f.name for f in fields(PAIRWISE_CONFIGS[self.name])}
+        allowed = {f.name for f in fields(LOSS_CONFIGS[self.name])}
         extra = [k for k in self.knobs() if k not in allowed]
         if extra:
             return [(k, f"{self.name} has no knob {k!r} (its knobs: {', '.join(sorted(allowed))})") for k in extra]
@@ -374,22 +391,67 @@ class PreferenceLossConfig:
 @dataclass
 class OnlinePairsConfig:
     """Online / iterative DPO (DNO/INPO style): each round samples from the current policy, labels pairs with
-    the data's verifier (correct vs incorrect), and trains with the round's starting policy as the reference."""
+    the data's verifier (correct vs incorrect) or a reward model (best vs worst scored), and trains with the
+    round's starting policy as the reference."""
 
     rounds: int = 1
     samples_per_problem: int = 4
-    max_pairs_per_problem: int = 1  # each pair: a distinct verified solution vs a distinct failed one
+    max_pairs_per_problem: int = 1  # verifier: distinct verified vs distinct failed; reward model: i-th best vs i-th worst
     problems_per_round: int | None = None  # a fresh random subset of the split per round (None: all)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=64))
+    label: Literal["verifier", "reward_model"] = "verifier"
+    reward_model: str | None = None  # label: reward_model: "@stage" (a reward_model stage) or a directory
+    min_margin: float = 0.0  # reward model: keep a pair only if its scores differ by more than this
+    # XPO (Xie et al. 2024): + alpha * log pi(y~|x) on the reference's own samples (the pair's two responses,
+    # averaged), which pushes probability away from where the reference already is: exploration. 0: off.
+    xpo_alpha: float = 0.0
 
     def problems(self) -> Problems:
         out = [(k, "must be >= 1") for k in ("rounds", "samples_per_problem", "max_pairs_per_problem")
                if getattr(self, k) < 1]
+        if (self.label == "reward_model") != (self.reward_model is not None):
+            out.append(("reward_model", "set it (\"@stage\" or a directory) exactly when label: reward_model"))
+        if self.min_margin < 0 or (self.min_margin and self.label != "reward_model"):
+            out.append(("min_margin", "must be >= 0, and only applies to label: reward_model"))
+        if self.xpo_alpha < 0:
+            out.append(("xpo_alpha", "must be >= 0"))
         if self.samples_per_problem < 2:
             out.append(("samples_per_problem", "a pair needs at least 2 samples per problem"))
         if self.problems_per_round is not None and self.problems_per_round < 1:
             out.append(("problems_per_round", "must be >= 1"))
         return out
+
+
+@dataclass
+class ReferenceUpdateConfig:
+    """TR-DPO (Gorbatovski et al. 2024): every tau optimizer steps move the reference towards the policy,
+    soft (theta_ref <- alpha theta + (1 - alpha) theta_ref) or hard (theta_ref <- theta)."""
+
+    mode: Literal["soft", "hard"] = "soft"
+    alpha: float = 0.6
+    tau: int = 512
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if not 0 <= self.alpha <= 1:
+            out.append(("alpha", "must be in [0, 1]"))
+        if self.tau < 1:
+            out.append(("tau", "must be >= 1"))
+        return out
+
+
+@dataclass
+class RewardAugmentedConfig:
+    """Reward-augmented DPO (Zhang et al. 2024): each scored pair becomes two goal-conditioned pairs (the prompt
+    conditioned on the chosen score with y_w > y_l, and on the rejected score with y_l > y_w). Needs pair rows with
+    score_chosen / score_rejected; at inference condition the prompt on the highest score."""
+
+    template: str = REWARD_AUGMENTED_TEMPLATE  # str.format with {score} and {prompt}
+
+    def problems(self) -> Problems:
+        if "{score" not in self.template or "{prompt" not in self.template:
+            return [("template", "must contain the {score} and {prompt} fields")]
+        return []
 
 
 @dataclass
@@ -410,6 +472,11 @@ class DPOStage:
     # Padding-free: a micro-batch's sequences are laid end to end in rows of max_length tokens (each attends only
     # to itself). Needs a model that reads packed position_ids (Hugging Face Llama, Qwen2, Mistral, ...).
     packing: bool = True
+    # precomputed: the reference's log-probs of every pair, once, before training (a reference model is never held);
+    # live: each learner holds a frozen copy and scores every batch with it (needed by reference_update).
+    reference: Literal["precomputed", "live"] = "precomputed"
+    reference_update: ReferenceUpdateConfig | None = None  # TR-DPO's moving reference
+    reward_augmented: RewardAugmentedConfig | None = None  # offline pairs with scores: condition on target scores
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-7, warmup_steps=10))
     skip_bad_rows: bool = True  # offline: skip malformed pairs (reported by row); False: stop at the first
     log_every: int = 10
@@ -417,17 +484,62 @@ class DPOStage:
     keep_last: int = 2
 
     def problems(self) -> Problems:
-        return [(k, "must be >= 1") for k in ("steps", "batch_size", "micro_batch_size", "max_length", "log_every",
-                                              "save_every", "keep_last") if getattr(self, k) < 1]
+        out = [(k, "must be >= 1") for k in ("steps", "batch_size", "micro_batch_size", "max_length", "log_every",
+                                             "save_every", "keep_last") if getattr(self, k) < 1]
+        if self.reference_update is not None and self.reference != "live":
+            out.append(("reference_update", "a moving reference needs `reference: live`"))
+        if self.reward_augmented is not None and self.online is not None:
+            out.append(("reward_augmented", "applies to offline pairs with scores, not to online rounds"))
+        if self.loss.name == "simpo" and self.reference == "live":
+            out.append(("reference", "simpo uses no reference model: remove `reference: live`"))
+        return out
 
 
-Stage = Union[SFTStage, EvalStage, RestEMStage, DPOStage]
-STAGE_KINDS: dict[str, type] = {"sft": SFTStage, "eval": EvalStage, "rest_em": RestEMStage, "dpo": DPOStage}
+@dataclass
+class RewardModelStage:
+    """A Bradley-Terry reward model on preference pairs: the policy's network with a scalar head, saved as a
+    Hugging Face sequence-classification checkpoint. It does not replace the policy for the next stage; later
+    stages use it by name (online dpo: `label: reward_model`, `reward_model: "@name"`)."""
+
+    kind: Literal["reward_model"]
+    data: str  # a pair dataset (format pairs / pairs_conversational / hh_rlhf)
+    name: str | None = None
+    model: str | None = None  # the network to start from (default: the current policy)
+    train_split: str = "train"
+    eval_split: str | None = None  # held-out pairs for pairwise accuracy; None: hold out eval_fraction of train
+    eval_fraction: float = 0.05
+    center_coefficient: float = 0.0  # eta (r_w + r_l)^2 keeps rewards near 0 (Eisenstein et al. 2023)
+    steps: int = 100
+    batch_size: int = 32  # pairs per optimizer step, across all learner actors
+    micro_batch_size: int = 8  # pairs per forward pass on one actor (2x sequences)
+    max_length: int = 256  # pairs whose prompt + longer response exceed it are skipped (counted)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=10))
+    skip_bad_rows: bool = True
+    log_every: int = 10
+    eval_every: int = 50
+    save_every: int = 100
+    keep_last: int = 2
+    produces_policy: ClassVar[bool] = False
+
+    def problems(self) -> Problems:
+        out = [(k, "must be >= 1") for k in ("steps", "batch_size", "micro_batch_size", "max_length", "log_every",
+                                             "eval_every", "save_every", "keep_last") if getattr(self, k) < 1]
+        if not 0 <= self.eval_fraction < 1:
+            out.append(("eval_fraction", "must be in [0, 1)"))
+        if self.center_coefficient < 0:
+            out.append(("center_coefficient", "must be >= 0"))
+        return out
+
+
+Stage = Union[SFTStage, EvalStage, RestEMStage, DPOStage, RewardModelStage]
+STAGE_KINDS: dict[str, type] = {"sft": SFTStage, "eval": EvalStage, "rest_em": RestEMStage, "dpo": DPOStage,
+                                "reward_model": RewardModelStage}
 STAGE_DESCRIPTIONS: dict[str, str] = {
     "sft": "supervised fine-tuning on prompt/completion pairs (loss on completion tokens)",
     "eval": "sample with the policy and score: greedy pass@1, unbiased pass@k, maj@k",
     "rest_em": "ReST-EM self-training: sample K, keep verified (capped, de-duplicated), fine-tune from base, repeat",
-    "dpo": "DPO-family preference optimisation (dpo, cdpo, rdpo, ipo, rpo, hdpo, exo, simpo): offline pairs or online rounds",
+    "dpo": "DPO-family preference optimisation (dpo, cdpo, rdpo, ipo, rpo, hdpo, exo, simpo, kto): offline pairs or online rounds",
+    "reward_model": "Bradley-Terry reward model on preference pairs (scalar head); held-out pairwise accuracy",
 }
 
 
@@ -462,23 +574,39 @@ class Recipe:
             if name in seen:
                 out.append((f"stages.{i}.name", f"duplicate stage name {name!r}; give each stage a unique `name`"))
             seen.add(name)
-            train = stage if isinstance(stage, (SFTStage, DPOStage)) else stage.m_step if isinstance(stage, RestEMStage) else None
-            prefix = f"stages.{i}." if isinstance(stage, (SFTStage, DPOStage)) else f"stages.{i}.m_step."
+            trains = (SFTStage, DPOStage, RewardModelStage)
+            train = stage if isinstance(stage, trains) else stage.m_step if isinstance(stage, RestEMStage) else None
+            prefix = f"stages.{i}." if isinstance(stage, trains) else f"stages.{i}.m_step."
             if train is not None and train.batch_size % (self.cluster.learner.actors * train.micro_batch_size):
                 per_step = self.cluster.learner.actors * train.micro_batch_size
                 out.append((prefix + "batch_size",
                             f"{train.batch_size} must be a multiple of cluster.learner.actors ({self.cluster.learner.actors})"
                             f" x micro_batch_size ({train.micro_batch_size}) = {per_step}"))
-            needs_verifier = isinstance(stage, (EvalStage, RestEMStage)) or (isinstance(stage, DPOStage) and stage.online)
-            if needs_verifier and stage.data in self.data and self.data[stage.data].verifier is None:
-                out.append((f"stages.{i}.data", f"{stage.kind} needs answers checked: set data.{stage.data}.verifier"))
+            online = stage.online if isinstance(stage, DPOStage) else None
+            needs_verifier = isinstance(stage, (EvalStage, RestEMStage)) or (online and online.label == "verifier")
             pair_data = stage.data in self.data and self.data[stage.data].format in PAIR_FORMATS
-            if isinstance(stage, DPOStage) and not stage.online and stage.data in self.data and not pair_data:
-                out.append((f"stages.{i}.data", f"offline dpo needs a pair dataset: data.{stage.data}.format one of "
-                                                f"{', '.join(PAIR_FORMATS)} (or set `online` to make pairs from samples)"))
-            if pair_data and not (isinstance(stage, DPOStage) and not stage.online):
-                out.append((f"stages.{i}.data", f"data.{stage.data} holds preference pairs: only an offline dpo stage "
-                                                "reads it"))
+            if needs_verifier and not pair_data and stage.data in self.data and self.data[stage.data].verifier is None:
+                out.append((f"stages.{i}.data", f"{stage.kind} needs answers checked: set data.{stage.data}.verifier"))
+            reads_pairs = isinstance(stage, RewardModelStage) or (isinstance(stage, DPOStage) and not online)
+            prompts_of_pairs = online is not None and online.label == "reward_model"  # pair data as a prompt set
+            if reads_pairs and stage.data in self.data and not pair_data:
+                what = "reward_model" if isinstance(stage, RewardModelStage) else "offline dpo"
+                out.append((f"stages.{i}.data", f"{what} needs a pair dataset: data.{stage.data}.format one of "
+                                                f"{', '.join(PAIR_FORMATS)}" + ("" if isinstance(stage, RewardModelStage)
+                                                else " (or set `online` to make pairs from samples)")))
+            if pair_data and not (reads_pairs or prompts_of_pairs):
+                out.append((f"stages.{i}.data", f"data.{stage.data} holds preference pairs: only an offline dpo stage, "
+                                                "a reward_model stage or online dpo labelled by a reward model reads it"))
+            if isinstance(stage, DPOStage) and stage.reference == "live" and self.cluster.learner.zero_stage == 3:
+                out.append((f"stages.{i}.reference", "a live reference is a full copy on each learner, which ZeRO-3 "
+                                                     "would not partition: use `precomputed` or zero_stage <= 2"))
+            if isinstance(stage, DPOStage) and stage.reference_update is not None and self.model.lora is not None:
+                out.append((f"stages.{i}.reference_update", "TR-DPO mixes full weights into the reference; with LoRA "
+                                                            "only adapters train: drop model.lora or the update"))
+            rm = online.reward_model if online else None
+            if rm and rm.startswith("@") and not any(s.name == rm[1:] and isinstance(s, RewardModelStage)
+                                                     for s in self.stages[:i]):
+                out.append((f"stages.{i}.online.reward_model", f"{rm!r} must name an earlier reward_model stage"))
             if isinstance(stage, EvalStage) and stage.rerank_top and self.data.get(stage.data) is not None \
                     and self.data[stage.data].verifier == "code":
                 out.append((f"stages.{i}.rerank_top", "re-ranking clusters equal final answers; programs have none "

@@ -23,9 +23,10 @@ from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.algorithms.sft import completion_nll
 from posttrain.data.batching import PackedBatch, PairBatch, TokenBatch
 from posttrain.optim import lr_multiplier
-from posttrain.recipe.schema import LoraConfig, OptimConfig
+from posttrain.recipe.schema import LoraConfig, OptimConfig, ReferenceUpdateConfig
 
 DS_TAG = "deepspeed"  # sub-directory of a checkpoint holding the (partitioned) optimizer state
+REFERENCE_DIR = "reference"  # TR-DPO: the moved reference model, beside the policy's weights
 
 
 @dataclass
@@ -41,6 +42,9 @@ class LearnerSpec:
     zero_stage: int = 2
     seed: int = 0
     threads: int = 1
+    head: str = "lm"  # "lm": causal LM; "reward": scalar reward head (sequence classification)
+    live_reference: bool = False  # hold a frozen copy of the starting weights and score every batch with it
+    reference_update: ReferenceUpdateConfig | None = None  # TR-DPO: move that copy towards the policy
 
 
 def _free_port() -> int:
@@ -67,10 +71,15 @@ class LearnerWorker:
         Returns parameter counts and the digest of the starting weights (before any partitioning).
         """
         spec = self.spec
-        from posttrain.models.load import load_causal_lm, load_tokenizer, weights_digest
+        from posttrain.models.load import load_causal_lm, load_reward_model, load_tokenizer, weights_digest
 
-        torch.manual_seed(spec.seed)  # LoRA init is random: same on every rank and on every resume
-        self.model = load_causal_lm(spec.model_path, spec.dtype, spec.lora, trainable=True)
+        torch.manual_seed(spec.seed)  # LoRA and reward-head init are random: same on every rank and every resume
+        load = load_reward_model if spec.head == "reward" else load_causal_lm
+        self.model = load(spec.model_path, spec.dtype, spec.lora, trainable=True)
+        self.reference = None
+        if spec.live_reference:  # an adapter checkpoint is merged: the reference is the starting policy as a whole
+            self.reference = load_causal_lm(spec.model_path, spec.dtype, lora=None, trainable=False).to(self.device)
+            self.reference.requires_grad_(False)
         start_digest = weights_digest(self.model)
         self.tokenizer = load_tokenizer(spec.model_path)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -116,11 +125,13 @@ class LearnerWorker:
         return nll_sum, n_tok
 
     # ------------------------------------------------------------------ preference pairs
-    def _sequence_logps(self, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs (N,) and completion token counts (N,) of the N packed sequences."""
+    def _sequence_logps(self, packed: PackedBatch, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs (N,) and completion token counts (N,) of the N packed sequences
+        under `model` (default: the policy being trained)."""
         # No attention mask and no KV cache: the model then reads segments from the restarting position_ids.
-        out = self.engine(input_ids=packed.input_ids.to(self.device), position_ids=packed.position_ids.to(self.device),
-                          use_cache=False, logits_to_keep=packed.logits_mask.to(self.device))  # logits (K, V)
+        forward = self.engine if model is None else model
+        out = forward(input_ids=packed.input_ids.to(self.device), position_ids=packed.position_ids.to(self.device),
+                      use_cache=False, logits_to_keep=packed.logits_mask.to(self.device))  # logits (K, V)
         logps = target_logprobs(out.logits, packed.target_ids.to(self.device))  # (K,)
         seq = packed.target_seq.to(self.device)
         sums = logps.new_zeros(packed.n_seqs).index_add(0, seq, logps)
@@ -133,9 +144,13 @@ class LearnerWorker:
         return [self._sequence_logps(mb.tokens)[0].tolist() for mb in batches]
 
     def preference_step(self, step: int, batches: list[PairBatch], pairs_in_step: int, loss_name: str,
-                        loss_cfg) -> dict[str, float]:
-        """One optimizer step of a DPO-family loss; the update is the gradient of the mean loss over the global batch."""
-        from posttrain.algorithms.dpo import PreferenceBatch, preference_loss
+                        loss_cfg, xpo_alpha: float = 0.0) -> dict[str, float]:
+        """One optimizer step of a DPO-family loss; the update is the gradient of the mean loss over the global batch.
+
+        xpo_alpha > 0 adds XPO's exploration term (the pairs must be samples of the reference policy).
+        """
+        from posttrain.algorithms.dpo import PreferenceBatch, preference_loss, xpo_bonus
+        from posttrain.algorithms.kto import kto_pair_loss
 
         assert len(batches) == self.spec.micro_batches_per_step, "every rank must run the same number of micro-batches"
         torch.manual_seed(self.spec.seed * 1_000_003 + step * 4099 + self.rank)
@@ -144,20 +159,74 @@ class LearnerWorker:
         sums: dict[str, float] = {}
         for mb in batches:
             P = mb.n_pairs
-            logps, lengths = self._sequence_logps(mb.tokens)  # (2P,) each
+            logps, lengths = self._sequence_logps(mb.tokens)  # (2P,) each; (3P,) with KTO's mismatched sequences
             ref = mb.ref_logps.to(self.device) if mb.ref_logps is not None else None
-            batch = PreferenceBatch(
-                policy_chosen=logps[:P], policy_rejected=logps[P:],
-                ref_chosen=None if ref is None else ref[:P], ref_rejected=None if ref is None else ref[P:],
-                chosen_nll=-logps[:P] / lengths[:P].clamp(min=1),  # RPO: length-normalised NLL of y_w
-                chosen_len=lengths[:P].clamp(min=1), rejected_len=lengths[P:].clamp(min=1))
-            losses, metrics = preference_loss(loss_name, loss_cfg, batch)
+            if ref is None and self.reference is not None:
+                with torch.no_grad():
+                    ref = self._sequence_logps(mb.tokens, self.reference)[0]
+            if loss_name == "kto":
+                losses, metrics = kto_pair_loss(logps[:P], logps[P : 2 * P], ref[:P], ref[P : 2 * P], logps[2 * P :],
+                                                ref[2 * P :], loss_cfg)
+            else:
+                batch = PreferenceBatch(
+                    policy_chosen=logps[:P], policy_rejected=logps[P:],
+                    ref_chosen=None if ref is None else ref[:P], ref_rejected=None if ref is None else ref[P:],
+                    chosen_nll=-logps[:P] / lengths[:P].clamp(min=1),  # RPO: length-normalised NLL of y_w
+                    chosen_len=lengths[:P].clamp(min=1), rejected_len=lengths[P:].clamp(min=1))
+                losses, metrics = preference_loss(loss_name, loss_cfg, batch)
+            if xpo_alpha:
+                bonus = xpo_bonus(logps[:P], logps[P : 2 * P], xpo_alpha)
+                metrics["xpo_term"] = bonus.mean().item()
+                losses = losses + bonus
             self.engine.backward(losses.sum() * scale)
             self.engine.step()
             sums["loss_sum"] = sums.get("loss_sum", 0.0) + losses.sum().item()
             for k, v in metrics.items():  # batch means -> sums over pairs, so the driver can average globally
                 sums[k] = sums.get(k, 0.0) + v * P
+        if self.spec.reference_update is not None:
+            self._move_reference(step + 1)
         return {**sums, "pairs": float(sum(mb.n_pairs for mb in batches)), "lr": self._lr(), "grad_norm": self._grad_norm()}
+
+    def _move_reference(self, steps_done: int) -> None:
+        """TR-DPO: after every tau-th optimizer step mix (soft) or copy (hard) the policy into the reference."""
+        from posttrain.algorithms.trdpo import TRDPOConfig, should_update, update_reference
+
+        u = self.spec.reference_update
+        cfg = TRDPOConfig(alpha=u.alpha, tau=u.tau, mode=u.mode)
+        if should_update(steps_done, cfg):  # ZeRO <= 2: every rank holds the full, updated parameters
+            update_reference(dict(self.reference.named_parameters()), dict(self.model.named_parameters()), cfg)
+
+    # ------------------------------------------------------------------ reward model (head="reward")
+    def _rewards(self, tokens: TokenBatch) -> torch.Tensor:
+        """Scalar reward (B,) of each row, read by the head at the row's last non-pad token."""
+        out = self.engine(input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device),
+                          use_cache=False)
+        return out.logits.squeeze(-1).float()
+
+    @torch.no_grad()
+    def rewards(self, batches: list[TokenBatch]) -> list[list[float]]:
+        self.engine.eval()
+        return [self._rewards(mb).tolist() for mb in batches]
+
+    def reward_step(self, step: int, batches: list[TokenBatch], pairs_in_step: int, cfg) -> dict[str, float]:
+        """One optimizer step of the Bradley-Terry loss; each batch holds P chosen rows, then their P rejected rows."""
+        from posttrain.algorithms.reward_model import bradley_terry_loss
+
+        assert len(batches) == self.spec.micro_batches_per_step, "every rank must run the same number of micro-batches"
+        torch.manual_seed(self.spec.seed * 1_000_003 + step * 4099 + self.rank)
+        self.engine.train()
+        scale = self.world_size * len(batches) / max(1, pairs_in_step)  # mean over the global batch of pairs
+        sums: dict[str, float] = {}
+        for mb in batches:
+            P = mb.input_ids.shape[0] // 2
+            r = self._rewards(mb)  # (2P,)
+            losses, metrics = bradley_terry_loss(r[:P], r[P:], cfg)
+            self.engine.backward(losses.sum() * scale)
+            self.engine.step()
+            for k, v in {"loss": losses.mean().item(), **metrics}.items():  # batch means -> sums over pairs
+                sums[k] = sums.get(k, 0.0) + v * P
+        return {**sums, "pairs": float(sum(mb.input_ids.shape[0] // 2 for mb in batches)), "lr": self._lr(),
+                "grad_norm": self._grad_norm()}
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else 0.0
@@ -174,11 +243,18 @@ class LearnerWorker:
         if self.rank == 0:
             self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out)
+            if self.spec.reference_update is not None:  # a moved reference is training state too
+                self.reference.save_pretrained(out / REFERENCE_DIR, safe_serialization=True)
         self.engine.save_checkpoint(str(out), tag=DS_TAG)
 
     def load(self, ckpt_dir: str) -> None:
         """Restore weights, optimizer, scheduler and step counters from a checkpoint this group wrote."""
         self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+        if self.spec.reference_update is not None:
+            from safetensors.torch import load_file
+
+            self.reference.load_state_dict(load_file(str(Path(ckpt_dir) / REFERENCE_DIR / "model.safetensors")),
+                                           strict=False)  # tied weights are stored once
 
     def _gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full (unpartitioned) parameters on rank 0, gathered one tensor at a time under ZeRO-3."""
