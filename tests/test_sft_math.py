@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from posttrain.algorithms.logprobs import token_logprobs
+from posttrain.algorithms.logprobs import target_logprobs, token_logprobs
 from posttrain.algorithms.sft import completion_nll
 from posttrain.optim import lr_multiplier
 
@@ -17,6 +17,13 @@ def test_token_logprobs_match_log_softmax_by_hand():
     lp = token_logprobs(logits, ids)
     expected = torch.tensor([[math.log(3 / 6), math.log(2 / 6), math.log(1 / 6)]])
     torch.testing.assert_close(lp, expected)
+
+
+def test_target_logprobs_on_selected_positions_and_in_float32_for_bf16():
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 2.0]]))  # (K=2, V=3)
+    lp = target_logprobs(logits, torch.tensor([2, 0]))
+    torch.testing.assert_close(lp, torch.tensor([math.log(3 / 6), math.log(4 / 10)]))
+    assert target_logprobs(logits.bfloat16(), torch.tensor([2, 0])).dtype == torch.float32
 
 
 def test_completion_nll_counts_only_completion_tokens():
