@@ -24,7 +24,7 @@ STAGE_PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
     "rest_em": (("sampler", "verifier"), ("learner",)),  # E-step and eval, then M-step: never together
     "dpo": (("learner",),),  # offline: pairs from a dataset
     "dpo_online": (("sampler", "verifier"), ("learner",)),  # each round samples and labels, then trains
-    "dpo_online_rm": (("sampler", "reward_model"), ("learner",)),  # labels from a reward model
+    "dpo_online_rm": (("sampler",), ("reward_model",), ("learner",)),  # sample, then score with a reward model
     "reward_model": (("learner",),),
 }
 
