@@ -314,6 +314,8 @@ def test_preference_stages_load_with_their_defaults(tmp_path: Path) -> None:
         ("online: {rounds: 2}", "online: {rounds: 2, min_margin: 1}", "stages.2.online.min_margin",
          "only applies to label: reward_model"),
         ("name: online, data: arith", "name: online, data: pairs", "stages.2.data", "holds preference pairs"),
+        ("name: online, data: arith", "name: online, model: '@rm', data: arith", "stages.2.model",
+         "'@rm' is a reward model, not a policy"),
         ("rm, data: pairs, batch_size: 8", "rm, data: pairs, eval_fraction: 1.5, batch_size: 8",
          "stages.0.eval_fraction", "must be in [0, 1)"),
         ("loss: {name: ipo, tau: 0.5}", "loss: {name: dpo}, reference_update: {mode: hard, tau: 4}",

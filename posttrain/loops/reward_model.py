@@ -35,7 +35,11 @@ def run_reward_model(ctx: StageContext) -> StageResult:
         held_out = pair_examples(ctx, tok, stage.eval_split)
     else:
         train, held_out = hold_out(train, stage.eval_fraction, ctx.recipe.seed)
-    held_out = held_out[: len(held_out) // (world * mbs) * (world * mbs)]  # ZeRO-3 ranks run forwards in lockstep
+    usable = len(held_out) // (world * mbs) * (world * mbs)  # ZeRO-3 ranks run forwards in lockstep
+    if held_out and not usable:
+        log.warning("%s: %d held-out pair(s) are fewer than one forward on every learner (%d x %d): no held-out "
+                    "accuracy; hold out more pairs", stage.name, len(held_out), world, mbs)
+    held_out = held_out[:usable]
     if len(train) < stage.batch_size:
         raise PosttrainError(f"stage {stage.name!r}: {len(train)} usable training pair(s), fewer than "
                              f"batch_size={stage.batch_size}")

@@ -614,6 +614,10 @@ class Recipe:
             if stage.model and stage.model.startswith("@") and stage.model[1:] not in seen - {name}:
                 out.append((f"stages.{i}.model", f"{stage.model!r} must name an earlier stage (e.g. '@sft') whose "
                                                  "checkpoint this stage starts from"))
+            elif stage.model and stage.model.startswith("@") and not isinstance(stage, RewardModelStage) and any(
+                    s.name == stage.model[1:] and isinstance(s, RewardModelStage) for s in self.stages[:i]):
+                out.append((f"stages.{i}.model", f"{stage.model!r} is a reward model, not a policy: name it in "
+                                                 "`online.reward_model` of a dpo stage instead"))
             if getattr(stage, "eval_data", None) and stage.eval_data not in self.data:
                 out.append((f"stages.{i}.eval_data", f"unknown dataset {stage.eval_data!r}"))
             if stage.data not in self.data:
