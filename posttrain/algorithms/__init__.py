@@ -1,6 +1,6 @@
 """The maths of post-training: pure torch functions, no Ray, no distributed code.
 
-ALGORITHMS maps a name used in recipes to its module (`get_algorithm`); later stages add PPO, GRPO/RLOO here.
+ALGORITHMS maps a name used in recipes to its module (`get_algorithm`).
 The pairwise DPO-family losses share dpo.py (pick one with dpo.PAIRWISE_LOSSES[name]); TR-DPO is DPO
 plus trdpo.py's reference updates.
 """
@@ -15,6 +15,10 @@ ALGORITHMS = {
     **{name: "posttrain.algorithms.dpo" for name in ("dpo", "cdpo", "rdpo", "ipo", "rpo", "hdpo", "exo", "simpo")},
     "kto": "posttrain.algorithms.kto",
     "trdpo": "posttrain.algorithms.trdpo",
+    "reward_model": "posttrain.algorithms.reward_model",
+    "ppo": "posttrain.algorithms.ppo",
+    "grpo": "posttrain.algorithms.grpo",
+    "rloo": "posttrain.algorithms.grpo",
 }
 
 
@@ -35,4 +39,8 @@ ALGORITHM_DESCRIPTIONS = {
     "simpo": "reference-free: -log sigma(beta (length-averaged log-prob gap) - gamma) (Meng et al. 2024)",
     "kto": "unpaired good/bad labels: sigmoid value of the log-ratio vs a batch KL reference point (Ethayarajh et al. 2024)",
     "trdpo": "DPO with a reference moved towards the policy every tau steps, soft or hard (Gorbatovski et al. 2024)",
+    "reward_model": "Bradley-Terry -log sigma(r_w - r_l) on a scalar head, optional centring term (Ouyang et al. 2022)",
+    "ppo": "clipped surrogate, clipped value loss, GAE, token KL penalty, running reward norm (PPO-max, Zheng et al. 2023)",
+    "grpo": "group-normalised outcome advantages, clipped surrogate, k3 KL loss term (Shao et al. 2024)",
+    "rloo": "leave-one-out baseline r_i - mean of the other samples' rewards (Ahmadian et al. 2024)",
 }

@@ -1,0 +1,178 @@
+"""PPO (PPO-max), GRPO, RLOO, RLVR shaping, KL estimators and running statistics against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from posttrain.algorithms.grpo import GRPOConfig, group_advantages, grpo_loss, rloo_advantages, rlvr_reward
+from posttrain.algorithms.kl import kl_k1, kl_k2, kl_k3, masked_mean
+from posttrain.algorithms.ppo import PPOConfig, gae, policy_loss, token_rewards, value_loss, whiten
+from posttrain.algorithms.running_stats import RunningMoments
+
+f64 = torch.float64
+
+
+# ------------------------------------------------------------------ GRPO / RLOO
+def test_group_advantages_by_hand_sum_to_zero_and_guard_zero_std():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], dtype=f64)
+    a = group_advantages(r, 4, eps=0.0)
+    s = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1)
+    assert a.tolist() == pytest.approx([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0, 0, 0, 0], abs=1e-12)
+    assert a.view(2, 4).sum(-1).tolist() == pytest.approx([0, 0], abs=1e-12)
+    # invariant to r -> a r + b with a > 0 (eps = 0 makes it exact)
+    assert group_advantages(3 * r - 7, 4, eps=0.0).tolist() == pytest.approx(a.tolist(), abs=1e-12)
+    assert group_advantages(r, 4, scale_by_std=False).tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]
+
+
+def test_rloo_is_leave_one_out_and_k_over_k_minus_1_times_centred():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=f64)
+    a = rloo_advantages(r, 4)
+    assert a.tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3], abs=1e-12)  # 1 - (0+0+1)/3, 0 - 2/3
+    assert a.tolist() == pytest.approx((4 / 3 * (r - r.mean())).tolist(), abs=1e-12)
+    assert a.sum().item() == pytest.approx(0, abs=1e-12)
+    with pytest.raises(ValueError):
+        rloo_advantages(r, 1)
+
+
+def test_grpo_identical_rewards_give_zero_gradient():
+    logp = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    adv = group_advantages(torch.full((4,), 0.7, dtype=f64), 4)
+    loss, _ = grpo_loss(logp, logp.detach(), None, adv, torch.ones(4, 3), GRPOConfig(beta=0.0))
+    loss.backward()
+    assert torch.count_nonzero(logp.grad) == 0
+
+
+def test_grpo_aggregation_and_kl_term_by_hand():
+    logp = torch.zeros(2, 2, dtype=f64)
+    mask = torch.tensor([[1, 0], [1, 1]])
+    adv = torch.tensor([1.0, -1.0], dtype=f64)
+    # ratio 1: per-token loss -A: sample 0 -> [-1], sample 1 -> [1, 1]
+    seq, _ = grpo_loss(logp, logp, None, adv, mask, GRPOConfig(beta=0.0))
+    tok, _ = grpo_loss(logp, logp, None, adv, mask, GRPOConfig(beta=0.0, aggregation="token_mean"))
+    assert seq.item() == pytest.approx((-1 + 1) / 2) and tok.item() == pytest.approx((-1 + 1 + 1) / 3)
+    ref = torch.full((2, 2), math.log(2), dtype=f64)  # pi_ref = 2 pi: k3 = 2 - 1 - ln 2 on every token
+    with_kl, m = grpo_loss(logp, logp, ref, adv, mask, GRPOConfig(beta=0.1))
+    assert with_kl.item() == pytest.approx(0.1 * (1 - math.log(2)), abs=1e-12)
+    assert m["kl"] == pytest.approx(1 - math.log(2), abs=1e-12)
+    assert grpo_loss(logp, logp, logp, adv, mask, GRPOConfig(beta=0.1))[1]["kl"] == 0.0  # D_KL(pi_ref) = 0
+
+
+def test_grpo_one_update_per_rollout_is_reinforce_with_a_group_baseline():
+    logp = torch.randn(2, 3, dtype=f64, requires_grad=True)
+    adv = torch.tensor([0.5, -2.0], dtype=f64)
+    grpo_loss(logp, logp.detach(), None, adv, torch.ones(2, 3), GRPOConfig(beta=0.0))[0].backward()
+    expected = (-adv / 3 / 2).unsqueeze(-1).expand(2, 3)  # -A / |o_i| / G on every token
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_rlvr_reward_penalises_missing_eos():
+    correct = torch.tensor([True, False, True, False])
+    finished = torch.tensor([True, True, False, False])
+    assert rlvr_reward(correct, finished).tolist() == [10.0, 0.0, -10.0, -10.0]
+    assert rlvr_reward(correct, finished, scale=1.0, no_eos_penalty=0.0).tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+# ------------------------------------------------------------------ KL estimators
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([math.log(0.25)], dtype=f64), torch.tensor([math.log(0.5)], dtype=f64)
+    d = math.log(0.25) - math.log(0.5)
+    assert kl_k1(logp, ref).item() == pytest.approx(d)
+    assert kl_k2(logp, ref).item() == pytest.approx(d * d / 2)
+    assert kl_k3(logp, ref).item() == pytest.approx(2 - 1 - math.log(2))  # pi_ref/pi - log(pi_ref/pi) - 1
+    x = torch.randn(100, dtype=f64)
+    assert (kl_k3(x, torch.randn(100, dtype=f64)) >= 0).all() and kl_k3(x, x).abs().max() == 0
+
+
+def test_k1_and_k3_are_unbiased_for_the_kl_on_policy_samples():
+    p, q = torch.tensor([0.5, 0.3, 0.2], dtype=f64), torch.tensor([0.2, 0.2, 0.6], dtype=f64)
+    exact = (p * (p / q).log()).sum().item()
+    for est in (kl_k1, kl_k3):  # E_{x~p}[estimator] computed exactly over the support
+        assert (p * est(p.log(), q.log())).sum().item() == pytest.approx(exact, abs=1e-12)
+
+
+# ------------------------------------------------------------------ PPO
+def test_first_minibatch_gradient_is_minus_advantage_times_grad_logp():
+    logp = torch.randn(2, 3, dtype=f64, requires_grad=True)
+    adv = torch.randn(2, 3, dtype=f64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, m = policy_loss(logp, logp.detach(), adv, mask, clip_eps=0.2)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -adv * mask / mask.sum())  # token mean of -A log pi
+    assert m["clip_frac"] == 0.0 and m["ratio_mean"] == pytest.approx(1.0)
+
+
+def test_surrogate_clips_beyond_one_plus_eps():
+    old = torch.zeros(1, 2, dtype=f64)
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]], dtype=f64, requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0]], dtype=f64)
+    loss, m = policy_loss(logp, old, adv, torch.ones(1, 2), clip_eps=0.2)
+    # token 0: min(1.5, 1.2) * 1 = 1.2; token 1: min(-0.5, -0.8) = -0.8  ->  loss = -(1.2 - 0.8) / 2
+    assert loss.item() == pytest.approx(-(1.2 - 0.8) / 2) and m["clip_frac"] == 1.0
+    loss.backward()
+    assert logp.grad.abs().max() == 0  # both clipped: no gradient
+
+
+def test_value_clipping_acts_only_beyond_the_clip():
+    returns, old = torch.tensor([[1.0, 1.0]], dtype=f64), torch.tensor([[0.0, 0.0]], dtype=f64)
+    mask = torch.ones(1, 2)
+    near = torch.tensor([[0.1, -0.15]], dtype=f64)  # |V - V_old| <= 0.2
+    assert value_loss(near, old, returns, mask, 0.2)[0].item() == pytest.approx(0.5 * ((0.9**2 + 1.15**2) / 2))
+    far = torch.tensor([[0.5, 1.6]], dtype=f64)  # clip(V) = 0.2 for both
+    loss, m = value_loss(far, old, returns, mask, 0.2)
+    # token 0: max(0.25, 0.64) = 0.64 (clip acts); token 1: max(0.36, 0.64) = 0.64
+    assert loss.item() == pytest.approx(0.5 * 0.64) and m["value_clip_frac"] == 1.0
+    assert value_loss(far, old, returns, mask, None)[0].item() == pytest.approx(0.5 * (0.25 + 0.36) / 2)
+
+
+def test_gae_with_lambda_one_gamma_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.5, -0.2, 0.0, 0.0]], dtype=f64)
+    values = torch.tensor([[0.2, 0.5, 0.7, 9.0], [0.1, 0.3, 9.0, 9.0]], dtype=f64)  # 9 = padding, must not leak
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.8, 0.5, 0.3, 0.0], [0.2, -0.5, 0.0, 0.0]], dtype=f64))
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.3, -0.2, 0.0, 0.0]], dtype=f64))
+    adv0, _ = gae(rewards, values, mask, gamma=1.0, lam=0.0)  # lambda 0: one-step TD errors
+    assert adv0[0].tolist() == pytest.approx([0.5 - 0.2, 0.7 - 0.5, 1.0 - 0.7, 0.0], abs=1e-12)
+
+
+def test_token_rewards_put_the_score_on_the_last_token_and_the_kl_on_all():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]], dtype=f64)
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -2.0, 0.0]], dtype=f64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    r = token_rewards(torch.tensor([5.0, -1.0], dtype=f64), logp, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(r, torch.tensor([[-0.05, 0.0, 0.1 + 5.0], [0.0, -0.1 - 1.0, 0.0]], dtype=f64))
+
+
+def test_whiten_gives_zero_mean_unit_variance_on_masked_entries():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]], dtype=f64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    w = whiten(x, mask)
+    assert masked_mean(w, mask).item() == pytest.approx(0, abs=1e-9)
+    assert masked_mean(w**2, mask).item() == pytest.approx(1, abs=1e-6) and w[1, 1:].abs().max() == 0
+
+
+def test_ppo_config_defaults_follow_ppo_max():
+    c = PPOConfig()
+    assert (c.clip_eps, c.value_clip, c.gamma, c.lam, c.reward_norm) == (0.2, 0.2, 1.0, 0.95, True)
+    assert (c.whiten_advantages, c.entropy_coef, c.ptx_coef) == (False, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        PPOConfig(kl_estimator="k9")
+
+
+# ------------------------------------------------------------------ running statistics
+def test_welford_equals_numpy_over_batches():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3, 2, size=n) for n in (1, 7, 50, 3)]
+    rm = RunningMoments()
+    for b in batches:
+        rm.update(torch.tensor(b))
+    allv = np.concatenate(batches)
+    assert rm.count == len(allv)
+    assert rm.mean == pytest.approx(allv.mean(), abs=1e-12) and rm.var == pytest.approx(allv.var(), abs=1e-10)
+    r = torch.tensor([100.0, allv.mean()], dtype=f64)
+    assert rm.normalize(r, clip=10.0).tolist() == pytest.approx([10.0, 0.0], abs=1e-9)  # clipped, centred
+    again = RunningMoments()
+    again.load_state_dict(rm.state_dict())
+    assert again == rm
