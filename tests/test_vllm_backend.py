@@ -30,6 +30,10 @@ class _FakeLLM:
 
     def generate(self, prompts, sp, use_tqdm=False):
         _FakeLLM.calls.append((prompts, sp))
+        if getattr(sp, "prompt_logprobs", None) is not None:  # scoring: log p(token t | < t) = -t / 10, None at 0
+            ids = prompts[0]["prompt_token_ids"]
+            scored = [None] + [{tok: _Logprob(-t / 10)} for t, tok in enumerate(ids) if t > 0]
+            return [types.SimpleNamespace(prompt_logprobs=scored, outputs=[])]
         out = []
         for p in prompts:
             seqs = []
@@ -65,6 +69,16 @@ def test_vllm_adapter_maps_params_and_outputs(fake_vllm, tiny_model):
     assert roll.finished == [True, False, True, False]
     assert roll.logprobs[0] == [-0.5, -1.0] and roll.logprobs[1] == [-0.5, -1.0, -1.5, -2.0]
     assert roll.text == ["seq0", "seq1", "seq0", "seq1"]
+
+
+def test_vllm_probe_reads_the_completion_tokens_prompt_logprobs(fake_vllm, tiny_model):
+    from posttrain.workers.sampler import VLLMSamplerWorker
+
+    w = VLLMSamplerWorker(str(tiny_model), version=5)
+    version, lps = w.probe([10, 11, 12], [13, 14])
+    prompts, sp = _FakeLLM.calls[-1]
+    assert prompts == [{"prompt_token_ids": [10, 11, 12, 13, 14]}] and (sp.prompt_logprobs, sp.max_tokens) == (0, 1)
+    assert version == 5 and lps == [-0.3, -0.4]  # positions 3 and 4 of the scored sequence
 
 
 def test_missing_vllm_is_a_clear_error(monkeypatch, tiny_model):

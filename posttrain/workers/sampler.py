@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.recipe.schema import SamplingConfig
 
 
@@ -48,6 +49,13 @@ class SamplerWorker:
         self.tokenizer = load_tokenizer(model_path, padding_side="left")
         self.version = version
         return version
+
+    @torch.no_grad()
+    def probe(self, prompt: list[int], completion: list[int]) -> tuple[int, list[float]]:
+        """(version served, log p of each completion token given what precedes it): the parity probe."""
+        ids = torch.tensor([prompt + completion], device=self.device)
+        logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()  # (len(completion), V)
+        return self.version, target_logprobs(logits, ids[0, len(prompt) :]).tolist()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int,
@@ -132,6 +140,16 @@ class VLLMSamplerWorker:
         self.tokenizer = self.llm.get_tokenizer()
         self.version = version
         return version
+
+    def probe(self, prompt: list[int], completion: list[int]) -> tuple[int, list[float]]:
+        """(version served, log p of each completion token): vLLM scores the whole sequence as a prompt."""
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        (request,) = self.llm.generate([{"prompt_token_ids": prompt + completion}], sp, use_tqdm=False)
+        # prompt_logprobs[t] holds the log-probability of token t given tokens < t (None at t = 0).
+        steps = request.prompt_logprobs[len(prompt) :]
+        return self.version, [step[tok].logprob for tok, step in zip(completion, steps)]
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int,
                  seed: int = 0) -> Rollouts:
