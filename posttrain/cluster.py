@@ -176,3 +176,10 @@ def gather(refs: list) -> list:
         ready, pending = ray.wait(pending, num_returns=1)
         results[ready[0]] = ray.get(ready[0])  # raises RayActorError / RayTaskError for a failed actor
     return [results[r] for r in refs]
+
+
+def round_robin(actors: list, method: str, batches: list) -> list:
+    """Batch i goes to actor i % n, one call per actor; the results come back in batch order."""
+    n = len(actors)
+    outs = gather([getattr(a, method).remote(batches[r::n]) for r, a in enumerate(actors)])
+    return [outs[i % n][i // n] for i in range(len(batches))]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.algorithms.reward_augmented import augment_pair_row
-from posttrain.cluster import Demand, gather, spawn
+from posttrain.cluster import Demand, gather, round_robin, spawn
 from posttrain.data.batching import (Example, PairExample, attach_mismatched, collate_pairs, encode_example, encode_prompt,
                                      shard_pairs, step_indices)
 from posttrain.data.datasets import load_split
@@ -92,10 +92,8 @@ def _reference_pass(learners, pairs: list[PairExample], world: int, mbs: int, pa
     micro = [pairs[i : i + mbs] for i in range(0, len(pairs), mbs)]
     per_rank = -(-len(micro) // world)
     padded = micro + [micro[-1]] * (per_rank * world - len(micro))  # ZeRO-3 ranks run forwards together
-    batches = [collate_pairs(mb, pad_id, capacity) for mb in padded]
-    outs = gather([lr.sequence_logps.remote(batches[r::world]) for r, lr in enumerate(learners)])
-    for i, mb in enumerate(micro):
-        logps = outs[i % world][i // world]  # columns of len(mb): chosen, rejected (, kl)
+    outs = round_robin(learners, "sequence_logps", [collate_pairs(mb, pad_id, capacity) for mb in padded])
+    for mb, logps in zip(micro, outs):  # logps: columns of len(mb): chosen, rejected (, kl)
         for j, p in enumerate(mb):
             p.set_references(logps[j :: len(mb)])
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from posttrain.algorithms.reward_model import RewardModelConfig
-from posttrain.cluster import gather
+from posttrain.cluster import gather, round_robin
 from posttrain.data.batching import PairExample, collate_pair_rows, deal_pairs, step_indices
 from posttrain.errors import PosttrainError
 from posttrain.loops.preference import pair_examples
@@ -73,7 +73,7 @@ def run_reward_model(ctx: StageContext) -> StageResult:
                 bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_accuracy']:.2f}")
                 window, t_log = {}, time.perf_counter()
             if held_out and (done % stage.eval_every == 0 or done == stage.steps):
-                metrics.update(held_out_accuracy(learners, held_out, world, mbs, pad_id))
+                metrics.update(held_out_accuracy(learners, held_out, mbs, pad_id))
                 ctx.log(done, {k: metrics[k] for k in ("eval_accuracy", "eval_margin")})
                 log.info("%s step %d: held-out pairwise accuracy %.3f on %d pairs", stage.name, done,
                          metrics["eval_accuracy"], len(held_out))
@@ -94,18 +94,16 @@ def hold_out(pairs: list[PairExample], fraction: float, seed: int) -> tuple[list
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
-def held_out_accuracy(learners, pairs: list[PairExample], world: int, mbs: int, pad_id: int) -> dict[str, float]:
+def held_out_accuracy(learners, pairs: list[PairExample], mbs: int, pad_id: int) -> dict[str, float]:
     """Pairwise accuracy (ties count half) and mean reward margin over held-out pairs."""
     from posttrain.algorithms.reward_model import pairwise_accuracy
 
     import torch
 
-    micro = [pairs[i : i + mbs] for i in range(0, len(pairs), mbs)]  # len(pairs) is a multiple of world * mbs
-    batches = [collate_pair_rows(mb, pad_id) for mb in micro]
-    outs = gather([lr.rewards.remote(batches[r::world]) for r, lr in enumerate(learners)])
+    micro = [pairs[i : i + mbs] for i in range(0, len(pairs), mbs)]  # the caller keeps a multiple of world x mbs
+    outs = round_robin(learners, "rewards", [collate_pair_rows(mb, pad_id) for mb in micro])
     chosen, rejected = [], []
-    for i, mb in enumerate(micro):
-        r = outs[i % world][i // world]
+    for mb, r in zip(micro, outs):
         chosen += r[: len(mb)]
         rejected += r[len(mb) :]
     rc, rr = torch.tensor(chosen), torch.tensor(rejected)
