@@ -26,14 +26,24 @@ STAGE_PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
     "dpo_online": (("sampler", "verifier"), ("learner",)),  # each round samples and labels, then trains
     "dpo_online_rm": (("sampler",), ("reward_model",), ("learner",)),  # sample, then score with a reward model
     "reward_model": (("learner",),),
+    # Online RL: every role lives for the whole stage (sampling, scoring and updates take turns each step).
+    "rl": (("learner", "sampler", "verifier"),),
+    "rl_rm": (("learner", "sampler", "reward_model"),),
+    "ppo": (("learner", "critic", "sampler", "verifier"),),
+    "ppo_rm": (("learner", "critic", "sampler", "reward_model"),),
 }
+COLOCATED = ("learner", "critic", "sampler")  # the roles an RL stage with `colocate: true` puts on shared resources
 
 
 def phase_key(stage) -> str:
-    """The STAGE_PHASES entry of a stage: its kind, or dpo_online(_rm) for a dpo stage with `online` set."""
+    """The STAGE_PHASES entry of a stage: its kind, dpo_online(_rm) for a dpo stage with `online` set, and
+    rl / ppo (+ _rm with a reward model) for the online RL kinds."""
     online = getattr(stage, "online", None)
     if stage.kind == "dpo" and online:
         return "dpo_online_rm" if online.label == "reward_model" else "dpo_online"
+    if stage.kind in ("ppo", "grpo", "rloo"):
+        base = "ppo" if stage.kind == "ppo" else "rl"
+        return base + ("_rm" if stage.reward.source == "reward_model" else "")
     return stage.kind
 
 
@@ -49,10 +59,20 @@ class Demand:
         return f"{self.actors} {self.role} actor(s) x {self.cpus:g} CPU{gpu}"
 
 
-def stage_phases(cfg: ClusterConfig, kind: str) -> list[list[Demand]]:
-    roles = {"learner": cfg.learner, "sampler": cfg.sampler, "verifier": cfg.verifier, "reward_model": cfg.reward_model}
-    return [[Demand(r, roles[r].actors, roles[r].cpus, getattr(roles[r], "gpus", 0.0)) for r in phase]
-            for phase in STAGE_PHASES[kind]]
+def stage_phases(cfg: ClusterConfig, stage) -> list[list[Demand]]:
+    """The actors of each phase of `stage` with what each reserves. The critic is a second learner group.
+
+    Colocated roles (an RL stage's `colocate`) take turns on the same CPUs/GPUs, so each reserves its configured
+    share divided by the number of colocated roles (Ray's fractional resources)."""
+    roles = {"learner": cfg.learner, "critic": cfg.learner, "sampler": cfg.sampler, "verifier": cfg.verifier,
+             "reward_model": cfg.reward_model}
+    phases = []
+    for phase in STAGE_PHASES[phase_key(stage)]:
+        shared = [r for r in phase if r in COLOCATED] if getattr(stage, "colocate", False) else []
+        k = max(1, len(shared))
+        phases.append([Demand(r, roles[r].actors, roles[r].cpus / (k if r in shared else 1),
+                              getattr(roles[r], "gpus", 0.0) / (k if r in shared else 1)) for r in phase])
+    return phases
 
 
 def local_resources(cfg: ClusterConfig) -> dict[str, float]:
@@ -178,8 +198,13 @@ def gather(refs: list) -> list:
     return [results[r] for r in refs]
 
 
-def round_robin(actors: list, method: str, batches: list) -> list:
-    """Batch i goes to actor i % n, one call per actor; the results come back in batch order."""
-    n = len(actors)
+def round_robin(actors: list, method: str, batches: list, lockstep: bool = False) -> list:
+    """Batch i goes to actor i % n, one call per actor; the results come back in batch order.
+
+    lockstep: every actor gets the same number of batches (the last is repeated, its extra results dropped), as
+    ZeRO-3 ranks must run their forwards together."""
+    n, real = len(actors), len(batches)
+    if lockstep and batches:
+        batches = batches + [batches[-1]] * (-real % n)
     outs = gather([getattr(a, method).remote(batches[r::n]) for r, a in enumerate(actors)])
-    return [outs[i % n][i // n] for i in range(len(batches))]
+    return [outs[i % n][i // n] for i in range(real)]

@@ -16,7 +16,8 @@ from typing import Any
 
 from posttrain.errors import PosttrainError
 from posttrain.recipe.load import dump_recipe, recipe_to_dict
-from posttrain.recipe.schema import PAIR_FORMATS, DPOStage, Recipe, RestEMStage, RewardModelStage, SFTStage
+from posttrain.recipe.schema import (PAIR_FORMATS, CriticConfig, DPOStage, OnlineRLStage, Recipe, RestEMStage,
+                                     RewardModelStage, SFTStage)
 from posttrain.verifiers import votes
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,10 @@ def _abs(path: str) -> str:
 
 
 def check_recipe_resources(recipe: Recipe, available: dict[str, float]) -> None:
-    from posttrain.cluster import check_fits, phase_key, stage_phases
+    from posttrain.cluster import check_fits, stage_phases
 
     for s in recipe.stages:
-        for phase in stage_phases(recipe.cluster, phase_key(s)):
+        for phase in stage_phases(recipe.cluster, s):
             check_fits(s.name, phase, available)
 
 
@@ -77,7 +78,7 @@ def ensure_model(recipe: Recipe) -> None:
 # ---------------------------------------------------------------------- plan
 def plan(recipe: Recipe) -> str:
     """The resolved plan printed by --dry-run: stages, actors and resources, data sizes, outputs."""
-    from posttrain.cluster import local_resources, phase_key, stage_phases
+    from posttrain.cluster import local_resources, stage_phases
     from posttrain.data.datasets import from_hub, load_split
 
     out = run_dir(recipe)
@@ -175,6 +176,8 @@ def plan(recipe: Recipe) -> str:
             lines.append(f"  M-step: {m.steps} steps x {m.batch_size} sequences from "
                          f"{'the base model each iteration' if s.from_base else 'the previous iterate'}, lr {m.optim.lr:g}")
             lines.append(f"  outputs: {out / s.name}/iterations.json, iter-N/checkpoints, iter-N/e_step_samples.jsonl")
+        elif isinstance(s, OnlineRLStage):
+            lines += _rl_plan(recipe, s, size, out)
         else:
             what = (["greedy pass@1"] if s.greedy else []) + (
                 [f"{s.samples} samples/problem -> pass@k{', maj@k' if votes(recipe.data[s.data].verifier) else ''} "
@@ -183,12 +186,42 @@ def plan(recipe: Recipe) -> str:
             lines.append(f"  data: {size(s.data, s.split)}" + (f", first {s.max_problems}" if s.max_problems else ""))
             lines.append(f"  eval: {'; '.join(what)}; verifier {recipe.data[s.data].verifier}")
             lines.append(f"  samples: {out / s.name}/samples_*.jsonl")
-        phases = stage_phases(c, phase_key(s))
+        phases = stage_phases(c, s)
         for n, phase in enumerate(phases, 1):
             label = "actors" if len(phases) == 1 else f"actors (phase {n})"
             lines.append(f"  {label}: " + "; ".join(str(d) for d in phase))
     lines.append(f"outputs: {out}/summary.json, metrics.jsonl, report.html")
     return "\n".join(lines)
+
+
+def _rl_plan(recipe: Recipe, s, size, out: Path) -> list[str]:
+    lr, cfg = recipe.cluster.learner, s.objective_config()
+    gas = s.batch_size // (lr.actors * s.micro_batch_size)
+    reward = (f"verifier {recipe.data[s.data].verifier} ({s.reward.correct:g} if verified, else 0)"
+              if s.reward.source == "verifier" else f"reward model {s.reward.reward_model}")
+    if s.reward.no_eos_penalty is not None:
+        reward += f"; {s.reward.no_eos_penalty:g} without EOS"
+    knobs = ", ".join(f"{k}={v}" for k, v in vars(cfg).items())
+    lines = [f"  data: prompts {size(s.data, s.train_split)} (prompts over {s.max_prompt_length} tokens left out)"
+             + (f", held-out greedy pass@1 on {size(s.data, s.eval_split)}"
+                + (f", first {s.eval_problems}" if s.eval_problems else "") + f" every {s.eval_every} steps"
+                if s.eval_split else ""),
+             f"  {s.steps} steps x {s.prompts_per_step} prompts x {s.samples_per_prompt} samples "
+             f"(T={s.sampling.temperature:g}, up to {s.sampling.max_new_tokens} tokens); reward: {reward}",
+             f"  updates: {s.epochs} epoch(s) x {s.mini_batches} minibatch(es) of {s.batch_size} sequences ({lr.actors} "
+             f"actor(s) x {gas} micro-batch(es) x ~{s.micro_batch_size}), lr {s.optim.lr:g} {s.optim.schedule}",
+             f"  {s.kind}: {knobs}" + (f"; truncated IS at {s.truncated_is:g}" if s.truncated_is else "")
+             + (f"; z-loss {s.z_loss:g}" if s.z_loss else "")]
+    if s.kind == "ppo":
+        critic = s.critic or CriticConfig()
+        lines.append(f"  critic: value head initialised from {critic.model or s.reward.reward_model or 'the policy'}, "
+                     f"lr {critic.optim.lr:g}, value loss x {cfg.value_coef:g}")
+    lines.append(f"  weight sync: push version v+1 to the samplers after each step; parity probe every "
+                 f"{s.sync.probe_every} step(s), tolerance "
+                 f"{s.sync.parity_tolerance or (1e-3 if recipe.model.dtype == 'float32' else 0.25):g}"
+                 + ("; samplers share the learners' resources (colocate)" if s.colocate else ""))
+    lines.append(f"  outputs: {out / s.name}/checkpoints (every {s.save_every} steps, keep {s.keep_last})")
+    return lines
 
 
 # ----------------------------------------------------------------------- run
@@ -289,11 +322,13 @@ def _first_line(exc: BaseException) -> str:
 def _loops():
     from posttrain.loops.evaluate import run_eval
     from posttrain.loops.expert_iteration import run_rest_em
+    from posttrain.loops.online_rl import run_online_rl
     from posttrain.loops.preference import run_dpo
     from posttrain.loops.reward_model import run_reward_model
     from posttrain.loops.supervised import run_sft
 
-    return {"sft": run_sft, "eval": run_eval, "rest_em": run_rest_em, "dpo": run_dpo, "reward_model": run_reward_model}
+    return {"sft": run_sft, "eval": run_eval, "rest_em": run_rest_em, "dpo": run_dpo, "reward_model": run_reward_model,
+            "ppo": run_online_rl, "grpo": run_online_rl, "rloo": run_online_rl}
 
 
 def _worker_env() -> dict[str, str]:

@@ -35,6 +35,12 @@ _FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("kl", re.compile(r"\bkl|_kl|kl_|entropy")),
     ("learning rate", re.compile(r"(^|[/_])lr$|learning_rate")),
     ("grad norm", re.compile(r"grad_?norm")),
+    ("importance and clip ratios", re.compile(r"ratio|clip_frac")),  # online RL: PPO ratio, learner/sampler IS
+    ("response length", re.compile(r"length|truncated")),
+    ("log Z", re.compile(r"log_z")),
+    ("weight sync parity", re.compile(r"parity/")),
+    ("throughput", re.compile(r"_per_s$")),
+    ("seconds", re.compile(r"_s$")),
 )
 
 _CSS = """

@@ -62,3 +62,23 @@ def test_collate_right_pads(tok):
     assert b.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b.input_ids.dtype == torch.long
+
+
+def test_rl_batches_carry_per_token_fields_through_packing():
+    from posttrain.data.batching import RLSample, collate_rl, deal
+
+    samples = [RLSample([1, 2, 3], [4, 5], [-0.1, -0.2], advantages=[1.0, 1.0]),
+               RLSample([1, 2], [6, 7, 8, 9], [-0.3, -0.4, -0.5, -0.6], advantages=[-2.0] * 4),
+               RLSample([7], [3], [-0.7], advantages=[0.5])]
+    for capacity in (None, 8):  # padded rows, and packed rows (sequence 0 and 2 share a row)
+        b = collate_rl(samples, pad_id=0, capacity=capacity)
+        assert b.n_tokens == 7 and set(b.fields) == {"sampler_logps", "advantages"}
+        grid, mask = b.padded(b.fields["sampler_logps"])
+        assert mask.sum(-1).tolist() == [2, 4, 1]
+        assert grid[1].tolist() == pytest.approx([-0.3, -0.4, -0.5, -0.6]) and grid[2, 0].item() == pytest.approx(-0.7)
+        # the targets are the completion tokens, each at its position
+        assert b.padded(b.tokens.target_ids.float())[0][1].tolist() == [6, 7, 8, 9]
+    if capacity == 8:
+        assert b.tokens.input_ids.shape[0] == 2
+    assert [len(r) for r in deal(list(range(8)), 2, 2, lambda x: -x)] == [2, 2]
+    assert deal(list(range(8)), 2, 2, lambda x: -x)[0] == [[7, 6], [3, 2]]

@@ -164,3 +164,21 @@ def test_online_dpo_with_reward_model_recipe_dry_runs_offline():
     assert "[reward_model]" in res.stdout and "Bradley-Terry on a scalar head + 0.01 (r_w + r_l)^2" in res.stdout
     assert "best vs worst by reward model @rm" in res.stdout and "XPO alpha 1e-05" in res.stdout
     assert "4 reward_model actor(s) x 4 CPU, 1 GPU" in res.stdout
+
+
+def test_online_rl_recipes_dry_run_offline():
+    res = posttrain("run", "recipes/grpo_gsm8k.yaml", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "[grpo]" in out and "500 steps x 64 prompts x 8 samples" in out and "verifier math" in out
+    assert "grpo: beta=0.04, clip_eps=0.2, aggregation=sequence_mean" in out and "truncated IS at 2" in out
+    assert "parity probe every 1 step(s), tolerance 0.25" in out and "colocate" not in out
+    assert "4 learner actor(s) x 8 CPU, 1 GPU; 4 sampler actor(s) x 4 CPU, 1 GPU" in out
+    res = posttrain("run", "recipes/ppo_rlhf.yaml", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "[reward_model]" in out and "[ppo]" in out and "reward: reward model @rm; -1 without EOS" in out
+    assert "kl_coef=0.05, kl_estimator=k1" in out and "reward_norm=True, reward_clip=10.0" in out
+    assert "critic: value head initialised from @rm, lr 5e-06" in out
+    assert "2 epoch(s) x 4 minibatch(es) of 32 sequences" in out
+    assert "4 critic actor(s) x 8 CPU, 1 GPU" in out and "4 reward_model actor(s) x 4 CPU, 1 GPU" in out

@@ -176,3 +176,81 @@ def test_welford_equals_numpy_over_batches():
     again = RunningMoments()
     again.load_state_dict(rm.state_dict())
     assert again == rm
+
+
+# ------------------------------------------------------------------ unusable rewards, shaping, off-policy weights
+def test_group_statistics_leave_out_unusable_rewards():
+    from posttrain.algorithms.grpo import no_eos_reward
+
+    r = torch.tensor([1.0, 0.0, float("nan"), 1.0, 5.0, 5.0, 5.0, 7.0], dtype=f64)
+    valid = torch.tensor([True, True, True, True, True, True, True, False])
+    a = group_advantages(r, 4, eps=0.0, valid=valid)
+    # group 1: NaN left out -> {1, 0, 1}: mean 2/3, unbiased std sqrt(1/3)
+    s = math.sqrt(((1 / 3) ** 2 * 2 + (2 / 3) ** 2) / 2)
+    assert a[:4].tolist() == pytest.approx([(1 / 3) / s, -(2 / 3) / s, 0.0, (1 / 3) / s])
+    assert a[4:].tolist() == [0.0, 0.0, 0.0, 0.0]  # the 7 is left out: the rest are equal (zero-std guard)
+    b = rloo_advantages(r, 4, valid)
+    assert b[:4].tolist() == pytest.approx([1 - 0.5, 0 - 1.0, 0.0, 1 - 0.5])  # baselines over the other valid ones
+    assert b[4:].tolist() == [0.0, 0.0, 0.0, 0.0]
+    lone = torch.tensor([1.0, float("nan")], dtype=f64)  # one usable sample: no baseline, no signal
+    assert group_advantages(lone, 2).tolist() == [0.0, 0.0] and rloo_advantages(lone, 2).tolist() == [0.0, 0.0]
+    finished = torch.tensor([True, False])
+    assert no_eos_reward(torch.tensor([0.7, 0.7]), finished, -1.0).tolist() == pytest.approx([0.7, -1.0])
+    assert no_eos_reward(torch.tensor([0.7, 0.7]), finished, None).tolist() == pytest.approx([0.7, 0.7])
+
+
+def test_importance_weights_measure_and_truncate():
+    from posttrain.algorithms.importance import importance_weights
+
+    learner = torch.tensor([[math.log(0.5), math.log(0.4), 0.0]], dtype=f64)
+    sampler = torch.tensor([[math.log(0.25), math.log(0.4), -5.0]], dtype=f64)
+    mask = torch.tensor([[1, 1, 0]])
+    w, m = importance_weights(learner, sampler, mask, cap=None)
+    assert w.tolist() == [[1.0, 1.0, 1.0]]  # measured only
+    assert m["is_ratio_max"] == pytest.approx(2.0) and m["is_ratio_min"] == pytest.approx(1.0)
+    assert m["is_ratio_mean"] == pytest.approx(1.5) and m["is_logratio_abs_mean"] == pytest.approx(math.log(2) / 2)
+    w, m = importance_weights(learner, sampler, mask, cap=1.5)
+    assert w[0, :2].tolist() == pytest.approx([1.5, 1.0]) and m["is_truncated_frac"] == 0.5
+
+
+def test_rl_loss_sums_split_into_micro_batches_give_the_batch_mean():
+    """The learner divides each micro-batch's loss sum by the minibatch's count: any split gives the same loss."""
+    from posttrain.algorithms.rl_config import PPOConfig
+    from posttrain.algorithms.rl_objective import RLObjective, rl_loss
+
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(6, 5, generator=g, dtype=f64)
+    mask = (torch.arange(5) < torch.tensor([5, 3, 4, 1, 5, 2]).unsqueeze(-1)).to(f64)
+    adv = torch.randn(6, generator=g, dtype=f64)
+    ref = logp - 0.1 * torch.rand(6, 5, generator=g, dtype=f64)
+    zeros = torch.zeros_like(logp)
+    for obj in (RLObjective("grpo"), RLObjective("grpo", GRPOConfig(aggregation="token_mean")),
+                RLObjective("ppo", ppo=PPOConfig(entropy_coef=0.01))):
+        a = adv if obj.algorithm != "ppo" else adv.unsqueeze(-1).expand(6, 5)
+        r = None if obj.algorithm == "ppo" else ref
+        whole, _ = rl_loss(obj, logp, mask, logp, logp, a, r, zeros + 0.5, zeros)
+        parts = [rl_loss(obj, logp[s], mask[s], logp[s], logp[s], a[s], None if r is None else r[s], zeros[s] + 0.5,
+                         zeros[s])[0] for s in (slice(0, 2), slice(2, 6))]
+        count = 6 if obj.normaliser == "seqs" else mask.sum().item()
+        assert (sum(parts) / count).item() == pytest.approx(whole.item() / count, abs=1e-12)
+        if obj.algorithm == "grpo" and obj.grpo.aggregation == "sequence_mean":
+            expect, _ = grpo_loss(logp, logp, ref, adv, mask, obj.grpo)
+            assert whole.item() / 6 == pytest.approx(expect.item(), abs=1e-12)  # the paper's loss, unchanged
+
+
+def test_monitors_say_plainly_what_crossed():
+    from posttrain.loops.online_rl import monitor_alerts
+    from posttrain.recipe.schema import MonitorConfig
+
+    cfg = MonitorConfig(kl_max=0.1, entropy_min=0.2, clip_frac_max=0.3, length_drift_max=0.5, is_ratio_max=3.0,
+                        log_z_max=20.0)
+    calm = {"kl": 0.05, "entropy": 0.5, "clip_frac": 0.1, "length_drift": 0.2, "is_ratio_max": 1.1, "log_z_max": 12.0}
+    assert monitor_alerts(calm, cfg) == []
+    hot = {"kl": 0.25, "entropy": 0.01, "clip_frac": 0.1, "length_drift": -0.6, "is_ratio_max": 1.1,
+           "log_z_max": float("nan")}
+    alerts = monitor_alerts(hot, cfg)
+    assert len(alerts) == 3
+    assert alerts[0].startswith("kl = 0.25 is above monitors.kl_max = 0.1: the policy is drifting")
+    assert alerts[1].startswith("entropy = 0.01 is below monitors.entropy_min = 0.2")
+    assert "moved -60%" in alerts[2]
+    assert monitor_alerts(hot, MonitorConfig(kl_max=None, entropy_min=None, length_drift_max=None)) == []

@@ -85,7 +85,7 @@ def test_ints_become_floats_and_exponents_parse(tmp_path: Path) -> None:
         ("train_split: sft", "optim: {lr: fast}", "stages.0.optim.lr", 7, "expected a number, got 'fast'"),
         ("path: /tmp/m", "path: 5", "model.path", 3, "expected a string, got 5"),
         ("kind: sft", "kind: stf", "stages.0.kind", 7, "did you mean 'sft'?"),
-        ("{kind: eval, ", "{", "stages.1.kind", 8, "missing required key 'kind' (one of: sft, eval, rest_em, dpo, reward_model)"),
+        ("{kind: eval, ", "{", "stages.1.kind", 8, "missing required key 'kind' (one of: sft, eval, rest_em, dpo, reward_model, ppo, grpo, rloo)"),
         ("{kind: eval, data: arith,", "{kind: eval,", "stages.1.data", 8, "missing required key 'data'"),
         ("dtype: float32", "dtype: fp32", "model.dtype", 3, "expected one of 'float32', 'bfloat16', 'float16'"),
         ("data: arith, split", "data: arth, split", "stages.1.data", 8, "unknown dataset 'arth'"),
@@ -350,3 +350,46 @@ def test_live_reference_is_refused_under_zero3_and_tr_dpo_under_lora(tmp_path: P
     issues = issues_of(tmp_path, text)
     assert "ZeRO-3 would not partition" in find(issues, "stages.1.reference").message
     assert "with LoRA only adapters train" in find(issues, "stages.1.reference_update").message
+
+
+# ------------------------------------------------------------------ online RL stages
+RL = BASE.replace("n_pool: 0", "n_pool: 40").replace("arithmetic}", "arithmetic, verifier: arithmetic}", 1)
+
+
+@pytest.mark.parametrize(("stage", "field", "phrase"), [
+    ("{kind: grpo, data: arith, samples_per_prompt: 1}", "stages.2.samples_per_prompt", "needs at least 2"),
+    ("{kind: rloo, data: arith, ppo: {clip_eps: 0.1}}", "stages.2.ppo", "applies to kind ppo, not rloo"),
+    ("{kind: ppo, data: arith, grpo: {beta: 0.1}}", "stages.2.grpo", "applies to kinds grpo and rloo"),
+    ("{kind: grpo, data: arith, prompts_per_step: 3, samples_per_prompt: 3, mini_batches: 2}", "stages.2.mini_batches",
+     "= 9 must split into 2 equal minibatches"),
+    ("{kind: grpo, data: arith, prompts_per_step: 4, samples_per_prompt: 2, micro_batch_size: 3}",
+     "stages.2.micro_batch_size", "must be a multiple of cluster.learner.actors (1) x micro_batch_size (3) = 3"),
+    ("{kind: grpo, data: arith, grpo: {aggregation: mean}}", "stages.2.grpo.aggregation",
+     "expected one of 'sequence_mean', 'token_mean'"),
+    ("{kind: ppo, data: arith, ppo: {gamma: 1.5}}", "stages.2.ppo", "gamma and lam must be in [0, 1]"),
+    ("{kind: ppo, data: arith, ppo: {ptx_coef: 0.1}}", "stages.2.ppo.ptx_coef", "leave it 0"),
+    ("{kind: grpo, data: arith, reward: {source: reward_model}}", "stages.2.reward.reward_model", "exactly when"),
+    ("{kind: ppo, data: arith, reward: {source: reward_model, reward_model: '@sft'}}", "stages.2.reward.reward_model",
+     "must name an earlier reward_model stage"),
+    ("{kind: grpo, data: arith, truncated_is: 0.5}", "stages.2.truncated_is", "must be >= 1"),
+    ("{kind: grpo, data: arith, sync: {parity_tolerance: 0}}", "stages.2.sync.parity_tolerance", "must be > 0"),
+])
+def test_online_rl_stage_problems_name_the_field(tmp_path: Path, stage: str, field: str, phrase: str) -> None:
+    issue = find(issues_of(tmp_path, RL + f"  - {stage}\n"), field)
+    assert phrase in issue.message, issue.message
+
+
+def test_online_rl_stage_defaults_and_colocated_resources(tmp_path: Path) -> None:
+    from posttrain.cluster import stage_phases
+
+    text = RL + "  - {kind: ppo, data: arith, prompts_per_step: 8, samples_per_prompt: 2, micro_batch_size: 4}\n"
+    text = text.replace("seed: 1\n", "seed: 1\ncluster: {learner: {actors: 2, cpus: 3}, sampler: {actors: 1, cpus: 3}}\n")
+    recipe = load_recipe(write(tmp_path, text))
+    ppo = recipe.stages[2]
+    assert ppo.objective_config().lam == 0.95 and ppo.objective_config().reward_norm and ppo.batch_size == 16
+    (phase,) = stage_phases(recipe.cluster, ppo)
+    # learners, critic and samplers take turns: each reserves a third of its configured CPUs
+    assert [(d.role, d.actors, d.cpus) for d in phase] == [("learner", 2, 1.0), ("critic", 2, 1.0), ("sampler", 1, 1.0),
+                                                           ("verifier", 1, 0.5)]
+    recipe = load_recipe(write(tmp_path, text), ["stages.ppo.colocate=false"])
+    assert [d.cpus for d in stage_phases(recipe.cluster, recipe.stages[2])[0]] == [3.0, 3.0, 3.0, 0.5]

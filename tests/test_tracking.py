@@ -128,7 +128,8 @@ def test_progress_forced_on_writes_lines(monkeypatch: pytest.MonkeyPatch) -> Non
 @pytest.mark.parametrize(
     ("name", "family"),
     [("train_loss", "loss"), ("eval/loss", "loss"), ("pass@1", "accuracy"), ("maj@8", "accuracy"),
-     ("reward_mean", "reward"), ("kl", "kl"), ("lr", "learning rate"), ("tokens_per_s", "tokens_per_s")],
+     ("reward_mean", "reward"), ("kl", "kl"), ("lr", "learning rate"), ("tokens_per_s", "throughput"), ("step_s", "seconds"),
+     ("parity/max_abs_diff", "weight sync parity"), ("vocab_size", "vocab_size")],
 )
 def test_metric_family(name: str, family: str) -> None:
     assert metric_family(name) == family

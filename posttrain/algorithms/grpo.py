@@ -11,70 +11,76 @@ RLVR reward shaping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from posttrain.algorithms.kl import kl_k3, masked_mean
+from posttrain.algorithms.rl_config import GRPOConfig  # noqa: F401  (the config lives torch-free, for recipes)
 
 
-@dataclass(frozen=True)
-class GRPOConfig:
-    beta: float = 0.04  # KL weight (DeepSeekMath; TRL now defaults to 0)
-    clip_eps: float = 0.2
-    aggregation: str = "sequence_mean"  # "sequence_mean": (1/G) sum_i (1/|o_i|) sum_t (paper); "token_mean": over all tokens
-    scale_by_std: bool = True  # False: Dr. GRPO-style mean-centred advantages
-    eps: float = 1e-6
-
-    def __post_init__(self):
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.aggregation not in ("sequence_mean", "token_mean"):
-            raise ValueError(f"aggregation must be 'sequence_mean' or 'token_mean', got {self.aggregation!r}")
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """GRPO outcome advantages (N,) for N = groups x G rewards laid out group by group.
 
     A group whose rewards are all equal carries no signal: its advantages are exactly 0 (the zero-std guard),
-    not 0/eps noise.
+    not 0/eps noise. `valid` (N,) bool leaves samples out (a reward that could not be computed): the group's
+    statistics use the others, and a left-out sample's advantage is 0.
     """
-    r = rewards.view(-1, group_size)  # (groups, G)
-    centred = r - r.mean(-1, keepdim=True)
+    ok = _valid(rewards, valid).view(-1, group_size)  # (groups, G)
+    r = torch.where(ok, rewards.view(-1, group_size), torch.zeros_like(rewards.view(-1, group_size)))
+    n = ok.sum(-1, keepdim=True)
+    mean = r.sum(-1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(ok, r - mean, torch.zeros_like(r))
     if not scale_by_std:
         return centred.flatten()
-    std = r.std(-1, keepdim=True)  # unbiased, as DeepSeekMath's implementation
-    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred)).flatten()
+    std = ((centred**2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # unbiased, as DeepSeekMath's code
+    return torch.where((std > 0) & (n > 1), centred / (std + eps), torch.zeros_like(centred)).flatten()
 
 
-def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Leave-one-out baseline: r_i minus the mean of the other k-1 rewards of its group, (N,)."""
+def rloo_advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Leave-one-out baseline: r_i minus the mean of the other k-1 rewards of its group, (N,).
+
+    With `valid`, the baseline is the mean of the other valid samples; a group with fewer than 2 gives 0.
+    """
     if group_size < 2:
         raise ValueError("RLOO needs at least 2 samples per prompt")
-    r = rewards.view(-1, group_size)
-    others = (r.sum(-1, keepdim=True) - r) / (group_size - 1)
-    return (r - others).flatten()
+    ok = _valid(rewards, valid).view(-1, group_size)
+    r = torch.where(ok, rewards.view(-1, group_size), torch.zeros_like(rewards.view(-1, group_size)))
+    n = ok.sum(-1, keepdim=True)
+    others = (r.sum(-1, keepdim=True) - r) / (n - 1).clamp(min=1)
+    return torch.where(ok & (n > 1), r - others, torch.zeros_like(r)).flatten()
+
+
+def _valid(rewards: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    ok = torch.isfinite(rewards)
+    return ok if valid is None else ok & valid.bool()
 
 
 def rlvr_reward(correct: torch.Tensor, finished: torch.Tensor, scale: float = 10.0,
                 no_eos_penalty: float = -10.0) -> torch.Tensor:
     """scale * 1[verified], and no_eos_penalty instead for a response cut off before EOS (Tulu 3: 10 and -10)."""
-    reward = scale * correct.to(torch.float32)
+    return no_eos_reward(scale * correct.to(torch.float32), finished, no_eos_penalty)
+
+
+def no_eos_reward(reward: torch.Tensor, finished: torch.Tensor, no_eos_penalty: float | None) -> torch.Tensor:
+    """The reward of a response cut off before EOS is replaced by the penalty (None: left as scored)."""
+    if no_eos_penalty is None:
+        return reward
     return torch.where(finished.bool(), reward, torch.full_like(reward, no_eos_penalty))
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
-              mask: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO objective as a loss. logp, old_logp, ref_logp, mask: (N, T); advantages: (N,) per sample.
+              mask: torch.Tensor, cfg: GRPOConfig,
+              is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO objective as a loss. logp, old_logp, ref_logp, mask: (N, T); advantages: (N,) per sample or (N, T).
 
     With one update per rollout (old_logp == logp) the clip is idle and this is REINFORCE with a group baseline.
+    is_weights (N, T): truncated importance weights on the surrogate (importance.py); the KL term is unweighted.
     """
-    adv = advantages.unsqueeze(-1)  # (N, 1): the same advantage on every token of a sample
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # the sample's advantage on every token
     ratio = torch.exp(logp - old_logp)
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)  # (N, T)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     kl = kl_k3(logp, ref_logp) if ref_logp is not None and cfg.beta else torch.zeros_like(logp)
     per_token = per_token + cfg.beta * kl
     if cfg.aggregation == "sequence_mean":

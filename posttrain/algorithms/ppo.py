@@ -11,38 +11,10 @@ secondary or harmful when stacked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from posttrain.algorithms.kl import KL_ESTIMATORS, masked_mean
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    clip_eps: float = 0.2  # surrogate clip
-    value_clip: float | None = 0.2  # clipped value loss around V_old; None: plain squared error
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05  # eta: token-level KL penalty in the reward
-    kl_estimator: str = "k1"  # k1 in the reward (its sum over tokens is the sequence log-ratio)
-    reward_norm: bool = True  # normalise scores with running mean/std ...
-    reward_clip: float | None = 10.0  # ... and clip them to +-this (MOSS-RLHF's default)
-    whiten_advantages: bool = False
-    entropy_coef: float = 0.0
-    ptx_coef: float = 0.0  # weight of the pretraining (SFT) loss mixed in: PPO-ptx
-    value_coef: float = 0.5
-
-    def __post_init__(self):
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
-        for name in ("kl_coef", "entropy_coef", "ptx_coef", "value_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+from posttrain.algorithms.rl_config import PPOConfig  # noqa: F401  (the config lives torch-free, for recipes)
 
 
 def token_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
@@ -82,12 +54,16 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_eps: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate -min(rho A, clip(rho, 1 +- eps) A), token mean. At rho = 1 its gradient is -A grad log pi."""
+                clip_eps: float, is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate -min(rho A, clip(rho, 1 +- eps) A), token mean. At rho = 1 its gradient is -A grad log pi.
+
+    is_weights (B, T): truncated importance weights between learner and sampler (importance.py), or None.
+    """
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    loss = masked_mean(-torch.minimum(unclipped, clipped), mask)
+    per_token = -torch.minimum(unclipped, clipped)
+    loss = masked_mean(per_token if is_weights is None else per_token * is_weights, mask)
     with torch.no_grad():
         metrics = {"clip_frac": masked_mean((clipped < unclipped).to(logp.dtype), mask).item(),
                    "ratio_mean": masked_mean(ratio, mask).item(),

@@ -223,12 +223,7 @@ def collate_pairs(pairs: list[PairExample], pad_id: int, capacity: int | None = 
 
 def deal_pairs(pairs: list[PairExample], world_size: int, micro_batch_size: int) -> list[list[list[PairExample]]]:
     """One optimizer step's pairs as [rank][micro-batch] lists: length-sorted, dealt round-robin to ranks."""
-    per_rank = len(pairs) // world_size
-    if per_rank * world_size != len(pairs) or per_rank % micro_batch_size:
-        raise ValueError(f"{len(pairs)} pairs do not split into {world_size} ranks x micro-batches of {micro_batch_size}")
-    ordered = sorted(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
-    micro = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
-    return [micro[r::world_size] for r in range(world_size)]
+    return deal(pairs, world_size, micro_batch_size, lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
 
 
 def shard_pairs(pairs: list[PairExample], world_size: int, micro_batch_size: int, pad_id: int,
@@ -240,3 +235,85 @@ def shard_pairs(pairs: list[PairExample], world_size: int, micro_batch_size: int
 def collate_pair_rows(pairs: list[PairExample], pad_id: int) -> TokenBatch:
     """P pairs as 2P right-padded rows, chosen first (reward models read each row's last token)."""
     return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+# ---------------------------------------------------------------- online RL
+
+
+@dataclass
+class RLSample:
+    """One sampled completion and what the loop knows about each of its tokens (lists of len(completion))."""
+
+    prompt: list[int]
+    completion: list[int]
+    sampler_logps: list[float]  # from the sampler, at sampling time
+    advantages: list[float] | None = None  # per token (GRPO/RLOO: the sample's advantage on every token)
+    old_logps: list[float] | None = None  # the learner's, before this batch's updates (the PPO ratio's denominator)
+    ref_logps: list[float] | None = None  # the reference policy's (KL)
+    old_values: list[float] | None = None  # PPO: the critic's, before this batch's updates
+    returns: list[float] | None = None  # PPO: the critic's regression targets
+
+
+RL_TOKEN_FIELDS = ("sampler_logps", "advantages", "old_logps", "ref_logps", "old_values", "returns")
+
+
+@dataclass
+class RLBatch:
+    """Packed sequences plus per-token tensors (K,) in the packed targets' order. Crosses Ray as one object."""
+
+    tokens: PackedBatch
+    target_pos: torch.Tensor  # (K,) long: each target's index within its completion
+    fields: dict[str, torch.Tensor]  # name -> (K,) float32, for the RL_TOKEN_FIELDS the samples carry
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.target_pos.numel())
+
+    def padded(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) in target order -> (N, T) by sequence and completion position, and the (N, T) mask."""
+        return scatter_padded(flat, self.tokens.target_seq.to(flat.device), self.target_pos.to(flat.device),
+                              self.tokens.n_seqs)
+
+
+def scatter_padded(flat: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = int(pos.max().item()) + 1 if pos.numel() else 1
+    out = flat.new_zeros((n_seqs, T))
+    mask = torch.zeros((n_seqs, T), dtype=flat.dtype, device=flat.device)
+    out = out.index_put((seq, pos), flat)  # out-of-place: autograd flows from `out` back to `flat`
+    mask[seq, pos] = 1
+    return out, mask
+
+
+def target_positions(tokens: PackedBatch) -> torch.Tensor:
+    """Index of each packed target within its own completion: a sequence's targets are contiguous and in order."""
+    seq = tokens.target_seq
+    k = torch.arange(seq.numel())
+    first = torch.full((tokens.n_seqs,), seq.numel(), dtype=torch.long).scatter_reduce(0, seq, k, "amin")
+    return k - first[seq]
+
+
+def collate_rl(samples: list[RLSample], pad_id: int, capacity: int | None) -> RLBatch:
+    tokens = pack([Example(s.prompt + s.completion, len(s.prompt)) for s in samples], pad_id, capacity)
+    pos = target_positions(tokens)
+    fields = {}
+    for name in RL_TOKEN_FIELDS:
+        values = [getattr(s, name) for s in samples]
+        if any(v is None for v in values):
+            continue
+        width = max(len(v) for v in values)
+        grid = torch.zeros((len(samples), width), dtype=torch.float32)
+        for i, v in enumerate(values):
+            grid[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
+        fields[name] = grid[tokens.target_seq, pos]
+    return RLBatch(tokens, pos, fields)
+
+
+def deal(items: list, world_size: int, micro_batch_size: int, length) -> list[list[list]]:
+    """[rank][micro-batch] lists: sorted by `length` so micro-batches are homogeneous, dealt round-robin to ranks
+    (every rank gets the same number of micro-batches; DeepSpeed steps in lockstep)."""
+    per_rank = len(items) // world_size
+    if per_rank * world_size != len(items) or per_rank % micro_batch_size:
+        raise ValueError(f"{len(items)} items do not split into {world_size} ranks x micro-batches of {micro_batch_size}")
+    ordered = sorted(items, key=length)
+    micro = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+    return [micro[r::world_size] for r in range(world_size)]

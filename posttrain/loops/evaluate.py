@@ -15,6 +15,7 @@ from posttrain.data.batching import encode_prompt
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.models.load import load_tokenizer
+from posttrain.models.weights import WeightSyncError
 from posttrain.recipe.schema import EvalStage, Recipe, SamplingConfig
 from posttrain.scoring import maj_at_k, mean_pass_at_k, rerank_at_k
 from posttrain.stage import StageContext, StageResult
@@ -49,20 +50,28 @@ def run_eval(ctx: StageContext) -> StageResult:
     return StageResult(metrics, None)
 
 
-def sampler_actors(recipe: Recipe, model_path: str):
-    """Sampler actors serving `model_path` (a context manager that removes them on exit)."""
+def sampler_actors(recipe: Recipe, model_path: str, demand: Demand | None = None, version: int = 0,
+                   backends: dict | None = None):
+    """Sampler actors serving `model_path` as weights `version` (a context manager that removes them on exit).
+
+    demand: what each reserves (default: cluster.sampler's own share); backends: the classes by backend name."""
     scfg = recipe.cluster.sampler
-    return spawn(SAMPLER_BACKENDS[scfg.backend], Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
-                 [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)))] * scfg.actors)
+    cls = (backends or SAMPLER_BACKENDS)[scfg.backend]
+    return spawn(cls, demand or Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
+                 [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)), version)] * scfg.actors)
+
+
+def verifier_actors(recipe: Recipe, verifier: str):
+    """Verifier actors for `verifier` (a context manager that removes them on exit)."""
+    vcfg = recipe.cluster.verifier
+    workers = vcfg.workers or max(1, round(vcfg.cpus))  # concurrent checks per verifier actor
+    return spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0), [(verifier, workers)] * vcfg.actors)
 
 
 @contextmanager
 def policy_actors(recipe: Recipe, model_path: str, verifier: str) -> Iterator[tuple[list, list]]:
     """Sampler actors serving `model_path` and verifier actors, removed on exit."""
-    vcfg = recipe.cluster.verifier
-    workers = vcfg.workers or max(1, round(vcfg.cpus))  # concurrent checks per verifier actor
-    verifiers = spawn(VerifierWorker, Demand("verifier", vcfg.actors, vcfg.cpus, 0.0), [(verifier, workers)] * vcfg.actors)
-    with sampler_actors(recipe, model_path) as s_actors, verifiers as v_actors:
+    with sampler_actors(recipe, model_path) as s_actors, verifier_actors(recipe, verifier) as v_actors:
         yield s_actors, v_actors
 
 
@@ -124,7 +133,11 @@ def sample(samplers: list, prompts: list[list[int]], n: int, params: SamplingCon
         results[j] = ray.get(ready[0])
         bar.update(len(chunks[j]) * n)
     bar.close()
-    out = Rollouts([], [], [], [], [], results[0].version, n)
+    versions = sorted({r.version for r in results.values()})
+    if len(versions) > 1:
+        raise WeightSyncError(f"the samplers served different weights versions {versions} in one batch of rollouts: "
+                              "a sampler missed a weight update")
+    out = Rollouts([], [], [], [], [], versions[0], n)
     for j, c in enumerate(chunks):
         r = results[j]
         out.prompt_index += [c[i] for i in r.prompt_index]

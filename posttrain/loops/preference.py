@@ -90,9 +90,7 @@ def pair_examples(ctx: StageContext, tok, split: str) -> list[PairExample]:
 def _reference_pass(learners, pairs: list[PairExample], world: int, mbs: int, pad_id: int, capacity: int | None) -> None:
     """Fill ref_chosen / ref_rejected with the learners' current (starting) weights, ranks in lockstep."""
     micro = [pairs[i : i + mbs] for i in range(0, len(pairs), mbs)]
-    per_rank = -(-len(micro) // world)
-    padded = micro + [micro[-1]] * (per_rank * world - len(micro))  # ZeRO-3 ranks run forwards together
-    outs = round_robin(learners, "sequence_logps", [collate_pairs(mb, pad_id, capacity) for mb in padded])
+    outs = round_robin(learners, "sequence_logps", [collate_pairs(mb, pad_id, capacity) for mb in micro], lockstep=True)
     for mb, logps in zip(micro, outs):  # logps: columns of len(mb): chosen, rejected (, kl)
         for j, p in enumerate(mb):
             p.set_references(logps[j :: len(mb)])

@@ -83,22 +83,23 @@ def train_examples(ctx: StageContext, model_path: str, train: list[Example], hel
 
 @contextmanager
 def learner_group(ctx: StageContext, model_path: str, plan, ckpt_root: Path, resume: bool, what: str,
-                  **spec_extra):
+                  demand: Demand | None = None, **spec_extra):
     """The learner actors for one training run, set up and (when resuming) restored from the last checkpoint.
 
     Yields (learners, parameter counts, first step, (path, state) resumed from or None); the actors are
-    removed on exit. `plan` carries steps, batch_size, micro_batch_size and optim; `spec_extra` sets other
-    LearnerSpec fields (head, live_reference, reference_update).
+    removed on exit. `plan` carries steps, batch_size, micro_batch_size and optim; `spec_extra` sets or
+    overrides LearnerSpec fields (head, live_reference, reference_update, total_steps, ...); `demand`: what
+    each actor reserves (default: cluster.learner's own share).
     """
     recipe, lcfg = ctx.recipe, ctx.recipe.cluster.learner
     world, mbs = lcfg.actors, plan.micro_batch_size
     resume_from = checkpoint.latest(ckpt_root) if resume else None
-    spec = LearnerSpec(
-        model_path=model_path, dtype=recipe.model.dtype, lora=recipe.model.lora, optim=plan.optim,
-        total_steps=plan.steps, micro_batches_per_step=plan.batch_size // (world * mbs), micro_batch_size=mbs,
-        backend=lcfg.backend, zero_stage=lcfg.zero_stage, seed=recipe.seed, threads=max(1, int(lcfg.cpus)), **spec_extra,
-    )
-    group = spawn(LearnerWorker, Demand("learner", world, lcfg.cpus, lcfg.gpus),
+    spec = LearnerSpec(**{
+        "model_path": model_path, "dtype": recipe.model.dtype, "lora": recipe.model.lora, "optim": plan.optim,
+        "total_steps": plan.steps, "micro_batches_per_step": plan.batch_size // (world * mbs), "micro_batch_size": mbs,
+        "backend": lcfg.backend, "zero_stage": lcfg.zero_stage, "seed": recipe.seed, "threads": max(1, int(lcfg.cpus)),
+        **spec_extra})
+    group = spawn(LearnerWorker, demand or Demand("learner", world, lcfg.cpus, lcfg.gpus),
                   [(rank, world, spec) for rank in range(world)], pack=True)
     with group as learners:
         addr, port = ray.get(learners[0].address.remote())
@@ -138,9 +139,12 @@ def _held_out_loss(learners, examples, world, mbs, pad_id) -> float:
     return nll / n if n else math.nan
 
 
-def save_step(learners, root, step, keep_last, world, zero_stage, metrics) -> Path:
+def save_step(learners, root, step, keep_last, world, zero_stage, metrics, write_extra=None) -> Path:
+    """An atomic checkpoint of the learners; write_extra(tmp_dir) adds files before it is committed."""
     tmp = checkpoint.begin(root, step)
     gather([lr.save.remote(str(tmp)) for lr in learners])
+    if write_extra is not None:
+        write_extra(tmp)
     state = {"step": step, "world_size": world, "zero_stage": zero_stage, "metrics": metrics}
     return checkpoint.commit(tmp, state, keep_last)
 

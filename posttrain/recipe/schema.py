@@ -13,6 +13,7 @@ from typing import ClassVar, Literal, Union
 
 from posttrain.algorithms.preference_config import LOSS_CONFIGS
 from posttrain.algorithms.reward_augmented import DEFAULT_TEMPLATE as REWARD_AUGMENTED_TEMPLATE
+from posttrain.algorithms.rl_config import GRPOConfig, PPOConfig
 from posttrain.data.tasks.arithmetic import ArithmeticConfig
 from posttrain.data.tasks.functions import FunctionsConfig
 from posttrain.models.tiny import TinyConfig
@@ -531,15 +532,152 @@ class RewardModelStage:
         return out
 
 
-Stage = Union[SFTStage, EvalStage, RestEMStage, DPOStage, RewardModelStage]
+@dataclass
+class RewardConfig:
+    """Where an RL sample's scalar reward comes from."""
+
+    source: Literal["verifier", "reward_model"] = "verifier"
+    reward_model: str | None = None  # source: reward_model: "@stage" (a reward_model stage) or a directory
+    correct: float = 1.0  # verifier: the reward of a verified response (a failed one gets 0); RLVR's alpha
+    no_eos_penalty: float | None = None  # the reward of a response cut off before EOS instead of its score; None: as scored
+
+    def problems(self) -> Problems:
+        if (self.source == "reward_model") != (self.reward_model is not None):
+            return [("reward_model", "set it (\"@stage\" or a directory) exactly when source: reward_model")]
+        return []
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model: a scalar head on the policy's network, trained with the clipped value loss."""
+
+    model: str | None = None  # "@stage" or a directory; None: the reward model if the reward comes from one, else the policy
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+
+
+@dataclass
+class MonitorConfig:
+    """Thresholds checked on every step's metrics: crossing one logs a plain warning saying what it likely means (once
+    per crossing: again only after the metric came back within bounds). null disables a check."""
+
+    kl_max: float | None = 0.5  # mean per-token KL(pi || pi_ref) (k3)
+    entropy_min: float | None = None  # mean per-token entropy (nats) below which the policy is collapsing; task-dependent
+    clip_frac_max: float | None = 0.3  # fraction of tokens with the PPO ratio outside 1 +- clip
+    length_drift_max: float | None = 0.5  # |mean response length / first step's - 1|
+    is_ratio_max: float | None = 5.0  # largest per-token pi_learner / pi_sampler: samples far off-policy
+    log_z_max: float | None = None  # largest log-normaliser of the output logits (logit blow-up)
+
+    def problems(self) -> Problems:
+        return [(k, "must be > 0 (or null)") for k in ("kl_max", "clip_frac_max", "length_drift_max", "is_ratio_max")
+                if getattr(self, k) is not None and getattr(self, k) <= 0]
+
+
+@dataclass
+class WeightSyncConfig:
+    """The weight push to the samplers after every update, and its check."""
+
+    # Largest allowed |log p_sampler - log p_learner| over the probe's tokens after a push; null: by dtype
+    # (float32 1e-3, bfloat16/float16 0.25: two implementations of a half-precision forward differ that much).
+    parity_tolerance: float | None = None
+    probe_every: int = 1  # steps between parity probes (every push still checks versions)
+
+    def problems(self) -> Problems:
+        out: Problems = [("probe_every", "must be >= 1")] if self.probe_every < 1 else []
+        if self.parity_tolerance is not None and self.parity_tolerance <= 0:
+            out.append(("parity_tolerance", "must be > 0"))
+        return out
+
+
+@dataclass
+class OnlineRLStage:
+    """Online RL: PPO (critic, GAE, PPO-max stabilisers) or the critic-free GRPO / RLOO, with verifier or
+    reward-model rewards. Each step: sample -> reward -> reference log-probs -> advantages -> updates -> weight push."""
+
+    kind: Literal["ppo", "grpo", "rloo"]
+    data: str  # problems (prompt + answer for a verifier), or a pair dataset's prompts with a reward model
+    name: str | None = None
+    model: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None  # held-out greedy pass@1 before training, every eval_every steps and at the end
+    eval_problems: int | None = 500  # the first N held-out problems (None: all)
+    eval_every: int = 10
+    steps: int = 100  # RL steps: one rollout batch each
+    prompts_per_step: int = 32
+    samples_per_prompt: int = 8  # G: the group size of GRPO/RLOO
+    mini_batches: int = 1  # optimizer steps per rollout batch and epoch (1: on-policy)
+    epochs: int = 1  # passes over each rollout batch (PPO epochs)
+    micro_batch_size: int = 16  # sequences per forward pass on one learner
+    max_prompt_length: int = 256  # longer prompts are left out (counted, row numbers logged)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=128))
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig | None = None  # grpo / rloo knobs (default GRPOConfig())
+    ppo: PPOConfig | None = None  # ppo knobs (default PPOConfig(): the PPO-max settings)
+    critic: CriticConfig | None = None  # ppo only (default CriticConfig())
+    truncated_is: float | None = None  # cap C of truncated importance sampling between learner and sampler; null: off
+    z_loss: float = 0.0  # coefficient of mean (log Z)^2 on the output logits (PaLM's z-loss); 0: measured only
+    monitors: MonitorConfig = field(default_factory=MonitorConfig)
+    sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    max_bad_steps: int = 3  # consecutive skipped (non-finite) updates before the run stops
+    # Samplers (and the critic) share the learners' CPUs/GPUs, as sampling and training take turns: each colocated
+    # role reserves its configured share divided by the number of colocated roles. false: each reserves its own.
+    colocate: bool = True
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0))
+    log_every: int = 1
+    save_every: int = 50
+    keep_last: int = 2
+
+    @property
+    def rollout_size(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+    @property
+    def batch_size(self) -> int:  # sequences per optimizer step (one minibatch)
+        return self.rollout_size // self.mini_batches
+
+    def problems(self) -> Problems:
+        out = [(k, "must be >= 1") for k in ("steps", "prompts_per_step", "samples_per_prompt", "mini_batches", "epochs",
+                                             "micro_batch_size", "max_prompt_length", "eval_every", "log_every",
+                                             "save_every", "keep_last", "max_bad_steps") if getattr(self, k) < 1]
+        if out:
+            return out
+        if self.kind in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            out.append(("samples_per_prompt", f"{self.kind} compares samples of the same prompt: needs at least 2"))
+        if self.rollout_size % self.mini_batches:
+            out.append(("mini_batches", f"prompts_per_step x samples_per_prompt = {self.rollout_size} must split into "
+                                        f"{self.mini_batches} equal minibatches"))
+        if self.kind != "ppo" and (self.ppo is not None or self.critic is not None):
+            out.append(("ppo" if self.ppo is not None else "critic", f"applies to kind ppo, not {self.kind}"))
+        if self.kind == "ppo" and self.grpo is not None:
+            out.append(("grpo", "applies to kinds grpo and rloo, not ppo (PPO's knobs go under `ppo`)"))
+        if self.ppo is not None and self.ppo.ptx_coef:
+            out.append(("ppo.ptx_coef", "PPO-ptx needs a pretraining data stream, which this stage does not take yet: "
+                                        "leave it 0 (the PPO-max default)"))
+        if self.truncated_is is not None and self.truncated_is < 1:
+            out.append(("truncated_is", "the cap C must be >= 1 (typical: 2)"))
+        if self.z_loss < 0:
+            out.append(("z_loss", "must be >= 0"))
+        if self.eval_problems is not None and self.eval_problems < 1:
+            out.append(("eval_problems", "must be >= 1 (or null for all)"))
+        return out
+
+    def objective_config(self):
+        """The GRPO or PPO knobs in effect (the recipe's, or the defaults)."""
+        return (self.ppo or PPOConfig()) if self.kind == "ppo" else (self.grpo or GRPOConfig())
+
+
+Stage = Union[SFTStage, EvalStage, RestEMStage, DPOStage, RewardModelStage, OnlineRLStage]
 STAGE_KINDS: dict[str, type] = {"sft": SFTStage, "eval": EvalStage, "rest_em": RestEMStage, "dpo": DPOStage,
-                                "reward_model": RewardModelStage}
+                                "reward_model": RewardModelStage, "ppo": OnlineRLStage, "grpo": OnlineRLStage,
+                                "rloo": OnlineRLStage}
 STAGE_DESCRIPTIONS: dict[str, str] = {
     "sft": "supervised fine-tuning on prompt/completion pairs (loss on completion tokens)",
     "eval": "sample with the policy and score: greedy pass@1, unbiased pass@k, maj@k",
     "rest_em": "ReST-EM self-training: sample K, keep verified (capped, de-duplicated), fine-tune from base, repeat",
     "dpo": "DPO-family preference optimisation (dpo, cdpo, rdpo, ipo, rpo, hdpo, exo, simpo, kto): offline pairs or online rounds",
     "reward_model": "Bradley-Terry reward model on preference pairs (scalar head); held-out pairwise accuracy",
+    "ppo": "PPO with a critic, GAE and the PPO-max stabilisers; verifier or reward-model rewards; verified weight sync",
+    "grpo": "GRPO: group-normalised outcome advantages, clipped surrogate, k3 KL term; verified weight sync",
+    "rloo": "RLOO: leave-one-out baseline over each prompt's samples, GRPO's clipped loss; verified weight sync",
 }
 
 
@@ -582,13 +720,18 @@ class Recipe:
                 out.append((prefix + "batch_size",
                             f"{train.batch_size} must be a multiple of cluster.learner.actors ({self.cluster.learner.actors})"
                             f" x micro_batch_size ({train.micro_batch_size}) = {per_step}"))
+            if isinstance(stage, OnlineRLStage):
+                out += [(f"stages.{i}.{k}", m) for k, m in self._rl_problems(stage, i)]
             online = stage.online if isinstance(stage, DPOStage) else None
-            needs_verifier = isinstance(stage, (EvalStage, RestEMStage)) or (online and online.label == "verifier")
+            rl_reward = stage.reward if isinstance(stage, OnlineRLStage) else None
+            needs_verifier = isinstance(stage, (EvalStage, RestEMStage)) or (online and online.label == "verifier") or (
+                rl_reward is not None and (rl_reward.source == "verifier" or stage.eval_split is not None))
             pair_data = stage.data in self.data and self.data[stage.data].format in PAIR_FORMATS
             if needs_verifier and not pair_data and stage.data in self.data and self.data[stage.data].verifier is None:
                 out.append((f"stages.{i}.data", f"{stage.kind} needs answers checked: set data.{stage.data}.verifier"))
             reads_pairs = isinstance(stage, RewardModelStage) or (isinstance(stage, DPOStage) and not online)
-            prompts_of_pairs = online is not None and online.label == "reward_model"  # pair data as a prompt set
+            prompts_of_pairs = (online is not None and online.label == "reward_model") or (
+                rl_reward is not None and rl_reward.source == "reward_model")  # pair data as a prompt set
             if reads_pairs and stage.data in self.data and not pair_data:
                 what = "reward_model" if isinstance(stage, RewardModelStage) else "offline dpo"
                 out.append((f"stages.{i}.data", f"{what} needs a pair dataset: data.{stage.data}.format one of "
@@ -603,10 +746,11 @@ class Recipe:
             if isinstance(stage, DPOStage) and stage.reference_update is not None and self.model.lora is not None:
                 out.append((f"stages.{i}.reference_update", "TR-DPO mixes full weights into the reference; with LoRA "
                                                             "only adapters train: drop model.lora or the update"))
-            rm = online.reward_model if online else None
+            rm = online.reward_model if online else rl_reward.reward_model if rl_reward else None
             if rm and rm.startswith("@") and not any(s.name == rm[1:] and isinstance(s, RewardModelStage)
                                                      for s in self.stages[:i]):
-                out.append((f"stages.{i}.online.reward_model", f"{rm!r} must name an earlier reward_model stage"))
+                where = "online.reward_model" if online else "reward.reward_model"
+                out.append((f"stages.{i}.{where}", f"{rm!r} must name an earlier reward_model stage"))
             if isinstance(stage, EvalStage) and stage.rerank_top and self.data.get(stage.data) is not None \
                     and self.data[stage.data].verifier == "code":
                 out.append((f"stages.{i}.rerank_top", "re-ranking clusters equal final answers; programs have none "
@@ -623,5 +767,22 @@ class Recipe:
             if stage.data not in self.data:
                 known = ", ".join(sorted(self.data)) or "none"
                 out.append((f"stages.{i}.data", f"unknown dataset {stage.data!r} (defined under data: {known})"))
+        return out
+
+    def _rl_problems(self, stage: OnlineRLStage, i: int) -> Problems:
+        out: Problems = []
+        per_step = self.cluster.learner.actors * stage.micro_batch_size
+        if stage.batch_size % per_step:
+            out.append(("micro_batch_size", f"each minibatch of {stage.batch_size} sequences (prompts_per_step x "
+                        f"samples_per_prompt / mini_batches) must be a multiple of cluster.learner.actors "
+                        f"({self.cluster.learner.actors}) x micro_batch_size ({stage.micro_batch_size}) = {per_step}"))
+        cfg = stage.objective_config()
+        kl = cfg.kl_coef if stage.kind == "ppo" else cfg.beta
+        if kl and self.cluster.learner.zero_stage == 3:
+            out.append((stage.kind, "the KL term needs the reference policy, a full frozen copy on each learner, which "
+                                    "ZeRO-3 would not partition: use zero_stage <= 2 or set the KL weight to 0"))
+        critic = stage.critic.model if stage.critic else None
+        if critic and critic.startswith("@") and critic[1:] not in {s.name for s in self.stages[:i]}:
+            out.append(("critic.model", f"{critic!r} must name an earlier stage"))
         return out
 

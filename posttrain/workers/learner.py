@@ -11,6 +11,7 @@ gradient of mean NLL over all target tokens in the global batch, for any world s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from contextlib import nullcontext
@@ -21,7 +22,7 @@ import torch
 
 from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.algorithms.sft import completion_nll
-from posttrain.data.batching import PackedBatch, PairBatch, TokenBatch
+from posttrain.data.batching import PackedBatch, PairBatch, RLBatch, TokenBatch
 from posttrain.optim import lr_multiplier
 from posttrain.recipe.schema import LoraConfig, OptimConfig, ReferenceUpdateConfig
 
@@ -42,7 +43,7 @@ class LearnerSpec:
     zero_stage: int = 2
     seed: int = 0
     threads: int = 1
-    head: str = "lm"  # "lm": causal LM; "reward": scalar reward head (sequence classification)
+    head: str = "lm"  # "lm": causal LM; "reward": scalar reward head (sequence classification); "value": PPO critic
     live_reference: bool = False  # hold a frozen copy of the starting weights and score every batch with it
     reference_update: ReferenceUpdateConfig | None = None  # TR-DPO: move that copy towards the policy
 
@@ -74,7 +75,7 @@ class LearnerWorker:
         from posttrain.models.load import load_causal_lm, load_reward_model, load_tokenizer, weights_digest
 
         torch.manual_seed(spec.seed)  # LoRA and reward-head init are random: same on every rank and every resume
-        load = load_reward_model if spec.head == "reward" else load_causal_lm
+        load = load_reward_model if spec.head in ("reward", "value") else load_causal_lm
         self.model = load(spec.model_path, spec.dtype, spec.lora, trainable=True)
         self.reference = None
         if spec.live_reference:  # an adapter checkpoint is merged: the reference is the starting policy as a whole
@@ -228,6 +229,131 @@ class LearnerWorker:
         return {**sums, "pairs": float(sum(mb.input_ids.shape[0] // 2 for mb in batches)), "lr": self._lr(),
                 "grad_norm": self._grad_norm()}
 
+    # ------------------------------------------------------------------ online RL
+    def _token_logps(self, tokens: PackedBatch, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs (K,) of every completion token of the packed sequences, and their logits (K, V)."""
+        forward = self.engine if model is None else model
+        out = forward(input_ids=tokens.input_ids.to(self.device), position_ids=tokens.position_ids.to(self.device),
+                      use_cache=False, logits_to_keep=tokens.logits_mask.to(self.device))
+        return target_logprobs(out.logits, tokens.target_ids.to(self.device)), out.logits
+
+    @torch.no_grad()
+    def rollout_logps(self, batches: list[RLBatch]) -> list[dict[str, list[list[float]]]]:
+        """Per sequence and token, before any update on this rollout: the policy's log-probs (old_logps) and,
+        with a reference held, the reference's (ref_logps); a value head gives the critic's values (old_values)."""
+        self.engine.eval()
+        out = []
+        for mb in batches:
+            if self.spec.head == "value":
+                out.append({"old_values": _per_sequence(mb, self._values(mb.tokens))})
+                continue
+            res = {"old_logps": _per_sequence(mb, self._token_logps(mb.tokens)[0])}
+            if self.reference is not None:
+                res["ref_logps"] = _per_sequence(mb, self._token_logps(mb.tokens, self.reference)[0])
+            out.append(res)
+        return out
+
+    def rl_step(self, step: int, batches: list[RLBatch], totals: dict[str, float], objective) -> dict[str, float]:
+        """One optimizer step of the RL objective (algorithms/rl_objective.py) over this rank's micro-batches.
+
+        Samples without old_logps are on-policy (one update per rollout): this forward is the old policy. Without
+        ref_logps the reference (if held) scores the batch here. totals: the minibatch's sequence and token counts
+        over all ranks, for the loss normalisation. A non-finite
+        loss or gradient skips the step (DeepSpeed's ZeRO optimizer, or the torch engine, drops it): `applied` 0.
+        """
+        from posttrain.algorithms.ppo import entropy_from_logits
+        from posttrain.algorithms.rl_objective import rl_loss
+
+        assert len(batches) == self.spec.micro_batches_per_step, "every rank must run the same number of micro-batches"
+        torch.manual_seed(self.spec.seed * 1_000_003 + step * 4099 + self.rank)
+        self.engine.train()
+        scale = self.world_size * len(batches) / max(1.0, totals[objective.normaliser])
+        sums: dict[str, float] = {}
+        for mb in batches:
+            flat, logits = self._token_logps(mb.tokens)  # (K,), (K, V)
+            f = {k: mb.padded(v.to(self.device))[0] for k, v in mb.fields.items()}
+            logp, mask = mb.padded(flat)
+            entropy = entropy_from_logits(logits) if objective.ppo.entropy_coef else _no_grad(entropy_from_logits, logits)
+            log_z = torch.logsumexp(logits.float(), dim=-1)
+            if not objective.z_loss_coef:
+                log_z = log_z.detach()
+            old = f["old_logps"] if "old_logps" in f else logp.detach()  # one update per rollout: this is pi_old
+            ref = f.get("ref_logps")
+            if ref is None and self.reference is not None:
+                with torch.no_grad():
+                    ref = mb.padded(self._token_logps(mb.tokens, self.reference)[0])[0]
+            loss, metrics = rl_loss(objective, logp, mask, old, f["sampler_logps"], f["advantages"], ref,
+                                    mb.padded(entropy)[0], mb.padded(log_z)[0])
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            n = float(mb.n_tokens)
+            sums["loss_sum"] = sums.get("loss_sum", 0.0) + loss.item()
+            for k, v in metrics.items():  # token means -> sums over tokens; extremes stay extremes
+                extreme = max if k.endswith("_max") else min if k.endswith("_min") else None
+                sums[k] = extreme(sums.get(k, v), v) if extreme else sums.get(k, 0.0) + v * n
+        applied = self.engine.was_step_applied() if hasattr(self.engine, "was_step_applied") else True
+        return {**sums, "tokens": float(sum(mb.n_tokens for mb in batches)), "applied": float(applied),
+                "lr": self._lr(), "grad_norm": self._grad_norm()}
+
+    def _values(self, tokens: PackedBatch) -> torch.Tensor:
+        """The critic's value (K,) at each position that predicts a completion token: V(prompt + completion[:t])."""
+        model = self.engine.module if hasattr(self.engine, "module") else self.model
+        backbone = getattr(model, model.base_model_prefix)
+        hidden = backbone(input_ids=tokens.input_ids.to(self.device), position_ids=tokens.position_ids.to(self.device),
+                          use_cache=False).last_hidden_state  # (R, T, H), after the final norm
+        return model.score(hidden[tokens.logits_mask.to(self.device)]).squeeze(-1).float()
+
+    def value_step(self, step: int, batches: list[RLBatch], totals: dict[str, float], cfg) -> dict[str, float]:
+        """One optimizer step of PPO's (clipped) value loss, token mean over the minibatch (head="value")."""
+        from posttrain.algorithms.ppo import value_loss
+
+        assert len(batches) == self.spec.micro_batches_per_step, "every rank must run the same number of micro-batches"
+        self.engine.train()
+        scale = self.world_size * len(batches) / max(1.0, totals["tokens"])
+        sums: dict[str, float] = {}
+        for mb in batches:
+            values, mask = mb.padded(self._values(mb.tokens))
+            old = mb.padded(mb.fields["old_values"].to(self.device))[0]
+            returns = mb.padded(mb.fields["returns"].to(self.device))[0]
+            loss, metrics = value_loss(values, old, returns, mask, cfg.value_clip)
+            n = mask.sum()
+            self.engine.backward(cfg.value_coef * loss * n * scale)
+            self.engine.step()
+            sums["value_loss_sum"] = sums.get("value_loss_sum", 0.0) + (loss * n).item()
+            sums["value_clip_frac"] = sums.get("value_clip_frac", 0.0) + metrics["value_clip_frac"] * n.item()
+        applied = self.engine.was_step_applied() if hasattr(self.engine, "was_step_applied") else True
+        return {**sums, "tokens": float(sum(mb.n_tokens for mb in batches)), "applied": float(applied),
+                "grad_norm": self._grad_norm()}
+
+    # ------------------------------------------------------------------ weight sync
+    def policy_state(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full weights under the base model's names (LoRA merged in), on rank 0; None elsewhere.
+        Every rank must call it (ZeRO-3 gathers). The samplers load exactly this: the weight push."""
+        if self.spec.lora is None:
+            return self._gathered_state_dict()
+        from peft.tuners.lora import LoraLayer
+
+        base = self.model.get_base_model()
+        zero3 = self.spec.backend == "deepspeed" and self.spec.zero_stage == 3
+        with _gathered(list(base.parameters())) if zero3 else nullcontext():
+            if self.rank != 0:
+                return None
+            state = {n.replace(".base_layer", ""): p.detach().cpu().clone() for n, p in base.named_parameters()
+                     if "lora_" not in n}
+            for name, mod in base.named_modules():
+                if isinstance(mod, LoraLayer):
+                    delta = sum(mod.get_delta_weight(a) for a in mod.active_adapters if a in mod.lora_A)
+                    state[f"{name}.weight"] = (mod.base_layer.weight + delta).detach().cpu()
+        return state
+
+    @torch.no_grad()
+    def probe(self, prompt: list[int], completion: list[int]) -> list[float]:
+        """The learner's log p of each completion token given what precedes it (the parity probe's other side)."""
+        from posttrain.data.batching import Example, pack
+
+        self.engine.eval()
+        return self._token_logps(pack([Example(prompt + completion, len(prompt))], 0, None))[0].tolist()
+
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else 0.0
 
@@ -274,10 +400,22 @@ class LearnerWorker:
         return state
 
 
-def _gathered(p: torch.Tensor):
+def _gathered(p: torch.Tensor | list[torch.Tensor]):
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(p if isinstance(p, list) else [p], modifier_rank=None)
+
+
+def _per_sequence(mb: RLBatch, flat: torch.Tensor) -> list[list[float]]:
+    """(K,) in packed target order -> one list per sequence, in completion order."""
+    padded, mask = mb.padded(flat.float())
+    lengths = mask.sum(-1).long().tolist()
+    return [row[:n] for row, n in zip(padded.tolist(), lengths)]
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
 
 
 def _deepspeed_engine(worker: LearnerWorker, master_addr: str, master_port: int, opt, sched):
@@ -309,7 +447,7 @@ class _TorchEngine:
 
     def __init__(self, model, opt, sched, spec: LearnerSpec):
         self.module, self.opt, self.sched, self.spec = model, opt, sched, spec
-        self.micro, self.grad_norm = 0, None
+        self.micro, self.grad_norm, self.applied = 0, None, True
 
     def __call__(self, **kw):
         return self.module(**kw)
@@ -330,9 +468,14 @@ class _TorchEngine:
         params = [p for p in self.module.parameters() if p.requires_grad]
         clip = self.spec.optim.grad_clip
         self.grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).item()
-        self.opt.step()
+        self.applied = math.isfinite(self.grad_norm)  # as DeepSpeed's ZeRO optimizer: drop a non-finite step
+        if self.applied:
+            self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def was_step_applied(self) -> bool:
+        return self.applied
 
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.opt.param_groups]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from posttrain.algorithms.logprobs import target_logprobs
+from posttrain.models.weights import WeightSyncError
 from posttrain.recipe.schema import SamplingConfig
 
 
@@ -47,6 +48,16 @@ class SamplerWorker:
 
         self.model = load_causal_lm(model_path, self.dtype, lora=None, trainable=False).to(self.device)
         self.tokenizer = load_tokenizer(model_path, padding_side="left")
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Serve the learner's pushed weights (names of the base model, LoRA merged) as `version`."""
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or (missing := _untied(self.model, missing, state)):
+            raise WeightSyncError(f"weights version {version} does not fit the sampler's model: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]} (is the learner training another architecture?)")
         self.version = version
         return version
 
@@ -105,6 +116,15 @@ class SamplerWorker:
         return ids_out, lps_out, done
 
 
+def _untied(model: torch.nn.Module, missing: list[str], loaded: dict) -> list[str]:
+    """The missing names that are not tied to a loaded parameter (tied weights are pushed once)."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    tied_loaded = {n for names in names_of.values() if any(m in loaded for m in names) for n in names}
+    return [m for m in missing if m not in tied_loaded]
+
+
 class VLLMSamplerWorker:
     """The same interface on vLLM (GPU). Needs the `posttrain[vllm]` extra.
 
@@ -141,6 +161,14 @@ class VLLMSamplerWorker:
         self.version = version
         return version
 
+    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Load the pushed weights into the running engine in place (no restart): every vLLM worker runs the model's
+        own `load_weights`, which maps Hugging Face names onto vLLM's fused layers."""
+        self.llm.collective_rpc(_vllm_load_weights, args=(state,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.version = version
+        return version
+
     def probe(self, prompt: list[int], completion: list[int]) -> tuple[int, list[float]]:
         """(version served, log p of each completion token): vLLM scores the whole sequence as a prompt."""
         from vllm import SamplingParams
@@ -171,6 +199,12 @@ class VLLMSamplerWorker:
                 out.text.append(seq.text)
                 out.finished.append(bool(ids) and ids[-1] == eos)
         return out
+
+
+def _vllm_load_weights(worker, state: dict[str, torch.Tensor]) -> None:
+    """Runs inside each vLLM worker process (collective_rpc passes the worker first)."""
+    device = next(worker.model_runner.model.parameters()).device
+    worker.model_runner.model.load_weights(weights=[(k, v.to(device)) for k, v in state.items()])
 
 
 SAMPLER_BACKENDS = {"hf": SamplerWorker, "vllm": VLLMSamplerWorker}
