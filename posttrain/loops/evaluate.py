@@ -118,9 +118,10 @@ def sample(samplers: list, prompts: list[list[int]], n: int, params: SamplingCon
             seed: int) -> Rollouts:
     """Fan batches of prompts out to the samplers round-robin and stitch the rollouts back in order.
 
-    Chunk j is sampled with seed (seed, j): the same recipe gives the same samples for any actor count.
+    Chunk j is sampled with seed (seed, j): the same recipe and sampler count give the same samples.
     """
     per_call = max(1, batch_size // n)  # prompts per generate call, so each call holds ~batch_size sequences
+    per_call = min(per_call, -(-len(prompts) // len(samplers)))  # a small request still keeps every sampler busy
     chunks = [list(range(i, min(i + per_call, len(prompts)))) for i in range(0, len(prompts), per_call)]
     pending = {samplers[j % len(samplers)].generate.remote([prompts[i] for i in c], n, params, batch_size,
                                                            seed * 1_000_003 + j): j

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import socket
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,7 @@ class LearnerWorker:
         from posttrain.algorithms.rl_objective import rl_loss
 
         assert len(batches) == self.spec.micro_batches_per_step, "every rank must run the same number of micro-batches"
+        t0 = time.perf_counter()
         torch.manual_seed(self.spec.seed * 1_000_003 + step * 4099 + self.rank)
         self.engine.train()
         scale = self.world_size * len(batches) / max(1.0, totals[objective.normaliser])
@@ -293,7 +295,7 @@ class LearnerWorker:
                 sums[k] = extreme(sums.get(k, v), v) if extreme else sums.get(k, 0.0) + v * n
         applied = self.engine.was_step_applied() if hasattr(self.engine, "was_step_applied") else True
         return {**sums, "tokens": float(sum(mb.n_tokens for mb in batches)), "applied": float(applied),
-                "lr": self._lr(), "grad_norm": self._grad_norm()}
+                "lr": self._lr(), "grad_norm": self._grad_norm(), "compute_s_max": time.perf_counter() - t0}
 
     def _values(self, tokens: PackedBatch) -> torch.Tensor:
         """The critic's value (K,) at each position that predicts a completion token: V(prompt + completion[:t])."""
