@@ -40,7 +40,7 @@ _FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("log Z", re.compile(r"log_z")),
     ("weight sync parity", re.compile(r"parity/")),
     ("throughput", re.compile(r"_per_s$")),
-    ("seconds", re.compile(r"_s$")),
+    ("seconds", re.compile(r"_s$|_s_max$")),
 )
 
 _CSS = """

@@ -82,3 +82,14 @@ def test_rl_batches_carry_per_token_fields_through_packing():
         assert b.tokens.input_ids.shape[0] == 2
     assert [len(r) for r in deal(list(range(8)), 2, 2, lambda x: -x)] == [2, 2]
     assert deal(list(range(8)), 2, 2, lambda x: -x)[0] == [[7, 6], [3, 2]]
+
+
+def test_deal_even_gives_every_rank_the_same_number_of_micro_batches():
+    from posttrain.data.batching import RLSample, deal_even
+
+    samples = [RLSample([1], [2] * n, [0.0] * n) for n in (5, 1, 4, 2, 3, 7, 6)]
+    shards = deal_even(samples, world=2, gas=2)
+    assert [len(rank) for rank in shards] == [2, 2]
+    sizes = sorted(len(mb) for rank in shards for mb in rank)
+    assert sizes == [1, 2, 2, 2] and sum(sizes) == 7  # near-equal, nothing dropped
+    assert [len(s.completion) for s in shards[0][0]] == [1, 2]  # length-sorted before splitting

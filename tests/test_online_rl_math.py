@@ -248,9 +248,9 @@ def test_monitors_say_plainly_what_crossed():
     assert monitor_alerts(calm, cfg) == []
     hot = {"kl": 0.25, "entropy": 0.01, "clip_frac": 0.1, "length_drift": -0.6, "is_ratio_max": 1.1,
            "log_z_max": float("nan")}
-    alerts = monitor_alerts(hot, cfg)
-    assert len(alerts) == 3
-    assert alerts[0].startswith("kl = 0.25 is above monitors.kl_max = 0.1: the policy is drifting")
-    assert alerts[1].startswith("entropy = 0.01 is below monitors.entropy_min = 0.2")
-    assert "moved -60%" in alerts[2]
+    alerts = dict(monitor_alerts(hot, cfg))
+    assert list(alerts) == ["kl", "entropy", "length_drift"]
+    assert alerts["kl"].startswith("kl = 0.25 is above monitors.kl_max = 0.1: the policy is drifting")
+    assert alerts["entropy"].startswith("entropy = 0.01 is below monitors.entropy_min = 0.2")
+    assert "moved -60%" in alerts["length_drift"]
     assert monitor_alerts(hot, MonitorConfig(kl_max=None, entropy_min=None, length_drift_max=None)) == []

@@ -317,3 +317,11 @@ def deal(items: list, world_size: int, micro_batch_size: int, length) -> list[li
     ordered = sorted(items, key=length)
     micro = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
     return [micro[r::world_size] for r in range(world_size)]
+
+
+def deal_even(items: list[RLSample], world: int, gas: int) -> list[list[list[RLSample]]]:
+    """[rank][micro-batch]: length-sorted items in world * gas near-equal micro-batches, dealt round-robin to ranks
+    (every rank runs gas micro-batches; sizes differ by at most one when the count does not divide)."""
+    ordered = sorted(items, key=lambda s: len(s.prompt) + len(s.completion))
+    micro = [list(c) for c in np.array_split(np.arange(len(ordered)), world * gas)]
+    return [[[ordered[i] for i in micro[m]] for m in range(r, world * gas, world)] for r in range(world)]

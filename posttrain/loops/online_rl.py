@@ -27,7 +27,7 @@ from posttrain.algorithms.ppo import gae, token_rewards, whiten
 from posttrain.algorithms.rl_objective import RLObjective
 from posttrain.algorithms.running_stats import RunningMoments
 from posttrain.cluster import Demand, gather, round_robin, spawn, stage_phases
-from posttrain.data.batching import RLSample, collate_rl, deal, encode_prompt, step_indices
+from posttrain.data.batching import RLSample, collate_rl, deal_even, encode_prompt, step_indices
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.loops.evaluate import evaluate_policy, sample, sampler_actors, verifier_actors, verify
@@ -415,14 +415,6 @@ def _merge(sums: dict[str, float], outs: list[dict[str, float]]) -> None:
             sums[k] = extreme(sums.get(k, v), v) if extreme else sums.get(k, 0.0) + v
 
 
-def deal_even(items: list, world: int, gas: int) -> list[list[list]]:
-    """[rank][micro-batch]: length-sorted items in world * gas near-equal micro-batches, dealt round-robin to ranks
-    (every rank runs gas micro-batches; sizes differ by at most one when the count does not divide)."""
-    ordered = sorted(items, key=lambda s: len(s.prompt) + len(s.completion))
-    micro = [list(c) for c in np.array_split(np.arange(len(ordered)), world * gas)]
-    return [[[ordered[i] for i in micro[m]] for m in range(r, world * gas, world)] for r in range(world)]
-
-
 # ------------------------------------------------------------------------------------------ weight sync
 
 
@@ -467,7 +459,7 @@ MONITOR_CHECKS = (  # (metric, threshold field, above?, what crossing it usually
 def _report_monitors(stage: OnlineRLStage, row: dict[str, float], active: set[str], step: int) -> set[str]:
     """Warn when a monitor crosses its threshold (once per crossing) and note when it comes back; returns the
     monitors now over their thresholds."""
-    alerts = {a.split(" ", 1)[0]: a for a in monitor_alerts(row, stage.monitors)}  # metric -> message
+    alerts = dict(monitor_alerts(row, stage.monitors))  # metric -> message
     for key in alerts.keys() - active:
         log.warning("%s step %d: %s", stage.name, step, alerts[key])
     for key in active - alerts.keys():
@@ -476,8 +468,8 @@ def _report_monitors(stage: OnlineRLStage, row: dict[str, float], active: set[st
     return set(alerts)
 
 
-def monitor_alerts(row: dict[str, float], cfg: MonitorConfig) -> list[str]:
-    """Plain-language warnings for the step's metrics that crossed a recipe threshold."""
+def monitor_alerts(row: dict[str, float], cfg: MonitorConfig) -> list[tuple[str, str]]:
+    """(metric, plain-language warning) for each of the step's metrics that crossed a recipe threshold."""
     out = []
     for key, limit_name, above, meaning in MONITOR_CHECKS:
         limit = getattr(cfg, limit_name)
@@ -485,12 +477,13 @@ def monitor_alerts(row: dict[str, float], cfg: MonitorConfig) -> list[str]:
         if limit is None or value is None or not math.isfinite(value):
             continue
         if (value > limit) if above else (value < limit):
-            out.append(f"{key} = {value:.4g} is {'above' if above else 'below'} monitors.{limit_name} = {limit:g}: "
-                       f"{meaning}")
+            out.append((key, f"{key} = {value:.4g} is {'above' if above else 'below'} monitors.{limit_name} = "
+                             f"{limit:g}: {meaning}"))
     drift = row.get("length_drift")
     if cfg.length_drift_max is not None and drift is not None and abs(drift) > cfg.length_drift_max:
-        out.append(f"mean response length moved {drift:+.0%} from the first step's (monitors.length_drift_max = "
-                   f"{cfg.length_drift_max:g}): watch for length hacking or truncation")
+        out.append(("length_drift", f"mean response length moved {drift:+.0%} from the first step's "
+                                    f"(monitors.length_drift_max = {cfg.length_drift_max:g}): watch for length "
+                                    "hacking or truncation"))
     return out
 
 

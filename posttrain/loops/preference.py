@@ -87,7 +87,7 @@ def pair_examples(ctx: StageContext, tok, split: str) -> list[PairExample]:
 # ------------------------------------------------------------------------------------------ training
 
 
-def _reference_pass(learners, pairs: list[PairExample], world: int, mbs: int, pad_id: int, capacity: int | None) -> None:
+def _reference_pass(learners, pairs: list[PairExample], mbs: int, pad_id: int, capacity: int | None) -> None:
     """Fill ref_chosen / ref_rejected with the learners' current (starting) weights, ranks in lockstep."""
     micro = [pairs[i : i + mbs] for i in range(0, len(pairs), mbs)]
     outs = round_robin(learners, "sequence_logps", [collate_pairs(mb, pad_id, capacity) for mb in micro], lockstep=True)
@@ -96,14 +96,14 @@ def _reference_pass(learners, pairs: list[PairExample], world: int, mbs: int, pa
             p.set_references(logps[j :: len(mb)])
 
 
-def _load_or_compute_reference(path: Path, learners, pairs, world, mbs, pad_id, capacity) -> None:
+def _load_or_compute_reference(path: Path, learners, pairs, mbs, pad_id, capacity) -> None:
     if path.exists():  # a resumed run: the reference is the weights the stage started from, not the checkpoint's
         saved = json.loads(path.read_text())
         if len(saved) == len(pairs) and all(len(s) == len(p.sequences()) for s, p in zip(saved, pairs)):
             for p, logps in zip(pairs, saved):
                 p.set_references(logps)
             return
-    _reference_pass(learners, pairs, world, mbs, pad_id, capacity)
+    _reference_pass(learners, pairs, mbs, pad_id, capacity)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps([p.references() for p in pairs]))
@@ -127,7 +127,7 @@ def train_pairs(ctx: StageContext, model_path: str, pairs: list[PairExample], ou
                        live_reference=live, reference_update=stage.reference_update) \
             as (learners, counts, start, resume_from):
         if loss_name not in REFERENCE_FREE and not live:
-            _load_or_compute_reference(out_dir / "reference_logps.json", learners, pairs, world, mbs, pad_id,
+            _load_or_compute_reference(out_dir / "reference_logps.json", learners, pairs, mbs, pad_id,
                                        capacity)
         metrics: dict[str, float] = {"pairs": float(len(pairs))}
         last_ckpt = str(resume_from[0]) if resume_from else None
