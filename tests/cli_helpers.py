@@ -57,3 +57,21 @@ def write(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     path = tmp / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def run_and_kill(recipe: Path, name: str, marker: Path, timeout: float = 300) -> None:
+    """Start `posttrain run recipe name=NAME` and SIGKILL it (the driver and everything it started) as soon as
+    `marker` exists: a run interrupted mid-stage, as by a lost node."""
+    import signal
+    import time
+
+    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), f"name={name}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, f"run ended before {marker} appeared"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import REPO, posttrain, small_recipe, write
+from cli_helpers import REPO, posttrain, run_and_kill, small_recipe, write
 
 pytestmark = pytest.mark.slow
 
@@ -65,16 +65,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model):
     res = posttrain("run", str(path), "name=straight")
     assert res.returncode == 0, res.stderr[-3000:]
 
-    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path), "name=killed"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = tmp_path / "runs" / "killed" / "sft" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpts / "step-000010" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-stage
-    proc.wait()
+    run_and_kill(path, "killed", ckpts / "step-000010" / "trainer_state.json")  # mid-stage
     summary = json.loads((tmp_path / "runs" / "killed" / "summary.json").read_text())
     assert summary["stages"][0]["status"] == "running"
 

@@ -6,18 +6,14 @@ non-finite update."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import ray
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import REPO, posttrain, small_recipe, write
+from cli_helpers import posttrain, run_and_kill, small_recipe, write
 from posttrain.workers.sampler import SamplerWorker
 
 pytestmark = pytest.mark.slow
@@ -63,16 +59,8 @@ def test_grpo_run_syncs_verified_weights_and_a_killed_run_resumes_to_the_same_re
     AutoModelForCausalLM.from_pretrained(final)  # a plain Hugging Face checkpoint
     assert "eval_pass@1" in (run / "report.html").read_text()
 
-    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path), "name=killed"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = tmp_path / "runs" / "killed" / "grpo" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpts / "step-000001" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-stage
-    proc.wait()
+    run_and_kill(path, "killed", ckpts / "step-000001" / "trainer_state.json")
     res = posttrain("run", str(path), "name=killed", "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr
@@ -99,20 +87,16 @@ class DeafSampler(SamplerWorker):
         return self.version
 
 
-@pytest.mark.parametrize("cls, message", [
-    (VersionOnlySampler, r"weights version 1: sampler \d's log-probs of the probe sequence differ"),
-    (DeafSampler, r"weights version 1: the samplers report versions \[0, 0\] after the push"),
-])
-def test_a_sampler_that_ignores_a_weight_update_stops_the_run(tmp_path, tiny_model, monkeypatch, cls, message):
+def test_a_sampler_that_ignores_a_weight_update_stops_the_run(tmp_path, tiny_model, monkeypatch):
     from posttrain import pipeline
     from posttrain.errors import PosttrainError
     from posttrain.recipe.load import load_recipe
     from posttrain.workers import sampler
 
-    monkeypatch.setitem(sampler.SAMPLER_BACKENDS, "hf", cls)
+    monkeypatch.setitem(sampler.SAMPLER_BACKENDS, "hf", VersionOnlySampler)
     recipe = load_recipe(write(tmp_path, _rl_recipe(tmp_path, tiny_model, eval_split=None, steps=3,
                                                     reward={"no_eos_penalty": -1.0})))  # so the weights do move
-    with pytest.raises(PosttrainError, match=message):
+    with pytest.raises(PosttrainError, match=r"weights version 1: sampler \d's log-probs of the probe sequence differ"):
         pipeline.run(recipe)
     ckpts = sorted((tmp_path / "runs" / "t" / "grpo" / "checkpoints").glob("step-*"))
     assert ckpts == []  # it stopped on the first push, before training on a single stale sample
@@ -126,7 +110,8 @@ def test_ppo_trains_a_critic_initialised_from_the_reward_model(tmp_path, tiny_mo
     rm.config.pad_token_id = AutoTokenizer.from_pretrained(tiny_model).pad_token_id
     rm.save_pretrained(rm_dir)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(rm_dir)
-    recipe = _rl_recipe(tmp_path, tiny_model, kind="ppo", reward={"source": "reward_model", "reward_model": str(rm_dir)},
+    recipe = _rl_recipe(tmp_path, tiny_model, kind="ppo", eval_split=None,
+                        reward={"source": "reward_model", "reward_model": str(rm_dir)},
                         ppo={"kl_coef": 0.05}, critic={"optim": {"lr": 1e-3}})
     recipe["cluster"]["reward_model"] = {"actors": 1, "cpus": 0}
     res = posttrain("run", str(write(tmp_path, recipe)))
@@ -145,11 +130,14 @@ def test_ppo_trains_a_critic_initialised_from_the_reward_model(tmp_path, tiny_mo
     assert state["reward_stats"]["count"] == 2 * 4 * 4  # PPO-max's running statistics saw every score
 
 
-def test_deepspeed_drops_a_non_finite_update(tiny_model):
-    """ZeRO-2 on two gloo ranks: a NaN advantage makes the gradient non-finite; the step is not applied anywhere."""
+def test_deepspeed_drops_a_non_finite_update_and_a_deaf_sampler_stops_the_push(tiny_model):
+    """ZeRO-2 on two gloo ranks: a NaN advantage makes the gradient non-finite; the step is not applied anywhere.
+    Then the push of the new weights to a sampler that ignores it fails on the spot."""
     from posttrain.algorithms.rl_objective import RLObjective
     from posttrain.cluster import Demand, gather, spawn
     from posttrain.data.batching import RLSample, collate_rl
+    from posttrain.loops.online_rl import Actors, _push_weights
+    from posttrain.models.weights import WeightSyncError
     from posttrain.pipeline import _worker_env
     from posttrain.recipe.schema import OptimConfig
     from posttrain.workers.learner import LearnerSpec, LearnerWorker
@@ -177,5 +165,9 @@ def test_deepspeed_drops_a_non_finite_update(tiny_model):
             assert [o["applied"] for o in step(1, 1.0)] == [1.0, 1.0]  # and training goes on
             moved = gather([a.policy_state.remote() for a in group])[0]
             assert not all(torch.equal(before[k], moved[k]) for k in before)
+            # A sampler that ignores the push keeps reporting its old version: the push itself refuses to go on.
+            with spawn(DeafSampler, Demand("sampler", 1, 0.0, 0.0), [(str(tiny_model),)]) as deaf:
+                with pytest.raises(WeightSyncError, match=r"weights version 1: the samplers report versions \[0\]"):
+                    _push_weights(Actors(group, [], deaf, [], []), 1)
     finally:
         ray.shutdown()

@@ -28,15 +28,23 @@ def _rest_em_recipe(tmp_path, tiny_model) -> dict:
     return recipe
 
 
-def test_rest_em_keeps_verified_capped_samples_and_restarts_each_m_step_from_base(tmp_path, tiny_model):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model):
+    """One uninterrupted run, shared: inspected by the first test, the reference for the resumed one."""
+    tmp = tmp_path_factory.mktemp("rest_em")
+    path = write(tmp, _rest_em_recipe(tmp, tiny_model))
+    res = posttrain("run", str(path), "name=straight")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return path, tmp / "runs" / "straight"
+
+
+def test_rest_em_keeps_verified_capped_samples_and_restarts_each_m_step_from_base(straight):
     from transformers import AutoModelForCausalLM
 
     from posttrain.data.tasks.arithmetic import is_correct
     from posttrain.models.load import weights_digest
 
-    res = posttrain("run", str(write(tmp_path, _rest_em_recipe(tmp_path, tiny_model))))
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = tmp_path / "runs" / "t"
+    run = straight[1]
     summary = json.loads((run / "summary.json").read_text())
     sft, rest = summary["stages"]
     table = rest["details"]["iterations"]
@@ -67,9 +75,9 @@ def test_rest_em_keeps_verified_capped_samples_and_restarts_each_m_step_from_bas
     assert "<h3>Iterations</h3>" in (run / "report.html").read_text()
 
 
-def test_rest_em_resumes_after_the_last_finished_iteration(tmp_path, tiny_model):
-    path = write(tmp_path, _rest_em_recipe(tmp_path, tiny_model))
-    assert posttrain("run", str(path), "name=straight").returncode == 0
+def test_rest_em_resumes_after_the_last_finished_iteration(straight):
+    path, straight_run = straight
+    tmp_path = path.parent
 
     env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path), "name=killed"], cwd=REPO, env=env,
@@ -86,7 +94,7 @@ def test_rest_em_resumes_after_the_last_finished_iteration(tmp_path, tiny_model)
     res = posttrain("run", str(path), "name=killed", "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = json.loads((tmp_path / "runs" / "killed" / "summary.json").read_text())["stages"][1]["details"]["iterations"]
-    straight = json.loads((tmp_path / "runs" / "straight" / "summary.json").read_text())["stages"][1]["details"]["iterations"]
+    uninterrupted = json.loads((straight_run / "summary.json").read_text())["stages"][1]["details"]["iterations"]
     assert resumed[:1] == before  # the finished iteration was kept, not redone
     numbers = lambda rows: [{k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "wall_s"} for r in rows]
-    assert numbers(resumed) == numbers(straight)  # and the run ends exactly where an uninterrupted one does
+    assert numbers(resumed) == numbers(uninterrupted)  # and the run ends exactly where an uninterrupted one does
