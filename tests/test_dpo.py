@@ -192,31 +192,38 @@ def _dpo_recipe(tmp_path, tiny_model, data: dict, stage: dict) -> dict:
     return recipe
 
 
+OFFLINE_LOSSES = [("dpo", {"name": "dpo", "beta": 0.1}, math.log(2)),
+                  ("kto", {"name": "kto", "beta": 0.1, "undesirable_weight": 1.5}, (1 + 1.5) / 4),
+                  ("simpo", {"name": "simpo", "beta": 2.0, "gamma": 1.0}, None)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss, first", [({"name": "dpo", "beta": 0.1}, math.log(2)),
-                                         ({"name": "kto", "beta": 0.1, "undesirable_weight": 1.5}, (1 + 1.5) / 4),
-                                         ({"name": "simpo", "beta": 2.0, "gamma": 1.0}, None)])
-def test_offline_dpo_run(tmp_path, tiny_model, loss, first):
+def test_offline_dpo_runs(tmp_path, tiny_model):
+    """Three offline stages in one run (one Ray start), each from the same starting model with its own loss."""
     data = {"pairs": {"path": str(_pairs_file(tmp_path)), "format": "pairs"}}
-    recipe = _dpo_recipe(tmp_path, tiny_model, data, {"data": "pairs", "loss": loss})
+    recipe = _dpo_recipe(tmp_path, tiny_model, data, {"data": "pairs"})
+    template = recipe["stages"][0]
+    recipe["stages"] = [{**template, "name": name, "model": str(tiny_model), "loss": loss}
+                        for name, loss, _ in OFFLINE_LOSSES]
     res = posttrain("run", str(write(tmp_path, recipe)))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "identical chosen/rejected: 1" in res.stderr
+    assert res.stderr.count("identical chosen/rejected: 1") == 3
     run = tmp_path / "runs" / "t"
     logged = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in logged if m.get("stage") == "dpo" and "loss" in m]
-    assert [m["step"] for m in steps] == [1, 2, 3, 4]
-    reference = run / "dpo" / "reference_logps.json"
-    if first is not None:  # the first step's policy is the reference: h = 0 (KTO: r = z0 = 0, lambda / 2 each)
-        assert steps[0]["loss"] == pytest.approx(first, abs=1e-4)
-        saved = json.loads(reference.read_text())
-        assert len(saved) == 36 and {len(r) for r in saved} == ({3} if loss["name"] == "kto" else {2})
-    else:
-        assert not reference.exists()  # SimPO needs no reference pass
-    summary = json.loads((run / "summary.json").read_text())["stages"][0]
+    summary = json.loads((run / "summary.json").read_text())["stages"]
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(summary["checkpoint"])
+    for (name, loss, first), stage in zip(OFFLINE_LOSSES, summary):
+        steps = [m for m in logged if m.get("stage") == name and "loss" in m]
+        assert [m["step"] for m in steps] == [1, 2, 3, 4], name
+        reference = run / name / "reference_logps.json"
+        if first is not None:  # the first step's policy is the reference: h = 0 (KTO: r = z0 = 0, lambda / 2 each)
+            assert steps[0]["loss"] == pytest.approx(first, abs=1e-4), name
+            saved = json.loads(reference.read_text())
+            assert len(saved) == 36 and {len(r) for r in saved} == ({3} if loss["name"] == "kto" else {2})
+        else:
+            assert not reference.exists()  # SimPO needs no reference pass
+        AutoModelForCausalLM.from_pretrained(stage["checkpoint"])
 
 
 @pytest.mark.slow

@@ -292,6 +292,8 @@ def _advantages(stage: OnlineRLStage, actors: Actors, samples: list[RLSample], r
 
     GRPO/RLOO with one update per rollout skip that pass: the update's own forward is the old policy, and the
     reference scores each micro-batch inside the update (one forward fewer, no extra round trip)."""
+    if not samples:  # every reward unusable or every completion empty: nothing to learn from this step
+        return {}
     if stage.kind == "ppo" or stage.epochs * stage.mini_batches > 1:
         _fill(actors.learners, samples, stage.micro_batch_size, pad_id, _capacity(stage))
     if stage.kind != "ppo":

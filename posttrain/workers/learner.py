@@ -259,8 +259,8 @@ class LearnerWorker:
 
         Samples without old_logps are on-policy (one update per rollout): this forward is the old policy. Without
         ref_logps the reference (if held) scores the batch here. totals: the minibatch's sequence and token counts
-        over all ranks, for the loss normalisation. A non-finite
-        loss or gradient skips the step (DeepSpeed's ZeRO optimizer, or the torch engine, drops it): `applied` 0.
+        over all ranks, for the loss normalisation. A non-finite loss or gradient skips the step (DeepSpeed's ZeRO
+        optimizer, or the torch engine, drops it): `applied` is 0 then.
         """
         from posttrain.algorithms.ppo import entropy_from_logits
         from posttrain.algorithms.rl_objective import rl_loss
