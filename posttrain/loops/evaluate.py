@@ -50,14 +50,11 @@ def run_eval(ctx: StageContext) -> StageResult:
     return StageResult(metrics, None)
 
 
-def sampler_actors(recipe: Recipe, model_path: str, demand: Demand | None = None, version: int = 0,
-                   backends: dict | None = None):
-    """Sampler actors serving `model_path` as weights `version` (a context manager that removes them on exit).
-
-    demand: what each reserves (default: cluster.sampler's own share); backends: the classes by backend name."""
+def sampler_actors(recipe: Recipe, model_path: str, demand: Demand | None = None, version: int = 0):
+    """Sampler actors serving `model_path` as weights `version` (a context manager that removes them on exit);
+    `demand`: what each reserves (default: cluster.sampler's own share)."""
     scfg = recipe.cluster.sampler
-    cls = (backends or SAMPLER_BACKENDS)[scfg.backend]
-    return spawn(cls, demand or Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
+    return spawn(SAMPLER_BACKENDS[scfg.backend], demand or Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
                  [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)), version)] * scfg.actors)
 
 
