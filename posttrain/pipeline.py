@@ -39,6 +39,11 @@ def absolute_paths(recipe: Recipe) -> Recipe:
         online = getattr(s, "online", None)
         if online and online.reward_model and not online.reward_model.startswith("@"):
             s.online = dataclasses.replace(online, reward_model=_abs(online.reward_model))
+        reward, critic = getattr(s, "reward", None), getattr(s, "critic", None)
+        if reward and reward.reward_model and not reward.reward_model.startswith("@"):
+            s.reward = dataclasses.replace(reward, reward_model=_abs(reward.reward_model))
+        if critic and critic.model and not critic.model.startswith("@"):
+            s.critic = dataclasses.replace(critic, model=_abs(critic.model))
     r.tracking = dataclasses.replace(recipe.tracking, output_dir=str(Path(recipe.tracking.output_dir).expanduser().resolve()))
     return r
 
@@ -70,9 +75,11 @@ def ensure_model(recipe: Recipe) -> None:
     for i, s in enumerate(recipe.stages):
         if s.model and not s.model.startswith("@"):  # "@stage" is resolved when that stage has run
             check_model_path(s.model, f"stages.{i}.model")
-        rm = getattr(getattr(s, "online", None), "reward_model", None)
-        if rm and not rm.startswith("@"):
-            check_model_path(rm, f"stages.{i}.online.reward_model")
+        for field, path in (("online.reward_model", getattr(getattr(s, "online", None), "reward_model", None)),
+                            ("reward.reward_model", getattr(getattr(s, "reward", None), "reward_model", None)),
+                            ("critic.model", getattr(getattr(s, "critic", None), "model", None))):
+            if path and not path.startswith("@"):  # "@stage" is resolved when that stage has run
+                check_model_path(path, f"stages.{i}.{field}")
 
 
 # ---------------------------------------------------------------------- plan

@@ -182,3 +182,14 @@ def test_online_rl_recipes_dry_run_offline():
     assert "critic: value head initialised from @rm, lr 5e-06" in out
     assert "2 epoch(s) x 4 minibatch(es) of 32 sequences" in out
     assert "4 critic actor(s) x 8 CPU, 1 GPU" in out and "4 reward_model actor(s) x 4 CPU, 1 GPU" in out
+
+
+def test_rl_stage_with_a_missing_reward_model_stops_before_starting(tmp_path, tiny_model):
+    recipe = small_recipe(tmp_path, tiny_model)
+    recipe["cluster"]["reward_model"] = {"cpus": 0}
+    recipe["stages"] = [{"kind": "ppo", "data": "arith", "train_split": "sft", "prompts_per_step": 4,
+                         "samples_per_prompt": 2, "micro_batch_size": 4,
+                         "reward": {"source": "reward_model", "reward_model": str(tmp_path / "no-rm")}}]
+    res = posttrain("run", str(write(tmp_path, recipe)))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"stages.0.reward.reward_model: no such model directory: {tmp_path / 'no-rm'}" in res.stderr
