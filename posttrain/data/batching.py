@@ -300,12 +300,18 @@ def collate_rl(samples: list[RLSample], pad_id: int, capacity: int | None) -> RL
         values = [getattr(s, name) for s in samples]
         if any(v is None for v in values):
             continue
-        width = max(len(v) for v in values)
-        grid = torch.zeros((len(samples), width), dtype=torch.float32)
-        for i, v in enumerate(values):
-            grid[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
-        fields[name] = grid[tokens.target_seq, pos]
+        fields[name] = pad_rows(values)[0][tokens.target_seq, pos]
     return RLBatch(tokens, pos, fields)
+
+
+def pad_rows(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token lists of different lengths -> (N, T) float32 right-padded with 0, and the (N, T) mask of real ones."""
+    width = max((len(r) for r in rows), default=0)
+    grid, mask = torch.zeros((len(rows), width)), torch.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        grid[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+        mask[i, : len(r)] = 1.0
+    return grid, mask
 
 
 def deal(items: list, world_size: int, micro_batch_size: int, length) -> list[list[list]]:

@@ -27,7 +27,7 @@ from posttrain.algorithms.ppo import gae, token_rewards, whiten
 from posttrain.algorithms.rl_objective import RLObjective
 from posttrain.algorithms.running_stats import RunningMoments
 from posttrain.cluster import Demand, gather, round_robin, spawn, stage_phases
-from posttrain.data.batching import RLSample, collate_rl, deal_even, encode_prompt, step_indices
+from posttrain.data.batching import RLSample, collate_rl, deal_even, encode_prompt, pad_rows, step_indices
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.loops.evaluate import evaluate_policy, sample, sampler_actors, verifier_actors, verify
@@ -315,9 +315,9 @@ def _advantages(stage: OnlineRLStage, actors: Actors, samples: list[RLSample], r
 def _ppo_advantages(stage, critics, samples, scores, state: LoopState, pad_id: int) -> dict[str, float]:
     cfg = stage.objective_config()
     _fill(critics, samples, stage.micro_batch_size, pad_id, _capacity(stage))
-    logp, mask = _padded([s.old_logps for s in samples])
-    ref = _padded([s.ref_logps for s in samples])[0] if cfg.kl_coef else logp
-    values = _padded([s.old_values for s in samples])[0]
+    logp, mask = pad_rows([s.old_logps for s in samples])
+    ref = pad_rows([s.ref_logps for s in samples])[0] if cfg.kl_coef else logp
+    values = pad_rows([s.old_values for s in samples])[0]
     if cfg.reward_norm:  # against the running statistics of every score so far, this batch included
         state.reward_stats.update(scores)
         scores = state.reward_stats.normalize(scores, cfg.reward_clip)
@@ -333,15 +333,6 @@ def _ppo_advantages(stage, critics, samples, scores, state: LoopState, pad_id: i
     m = mask.bool()
     return {"score_normalised_mean": scores.mean().item(), "value_mean": values[m].mean().item(),
             "return_mean": returns[m].mean().item(), "advantage_abs_mean": adv[m].abs().mean().item()}
-
-
-def _padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    out, mask = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1.0
-    return out, mask
 
 
 def _capacity(stage: OnlineRLStage) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.algorithms.sft import completion_nll
-from posttrain.data.batching import PackedBatch, PairBatch, RLBatch, TokenBatch
+from posttrain.data.batching import Example, PackedBatch, PairBatch, RLBatch, TokenBatch, pack
 from posttrain.optim import lr_multiplier
 from posttrain.recipe.schema import LoraConfig, OptimConfig, ReferenceUpdateConfig
 
@@ -351,8 +351,6 @@ class LearnerWorker:
     @torch.no_grad()
     def probe(self, prompt: list[int], completion: list[int]) -> list[float]:
         """The learner's log p of each completion token given what precedes it (the parity probe's other side)."""
-        from posttrain.data.batching import Example, pack
-
         self.engine.eval()
         return self._token_logps(pack([Example(prompt + completion, len(prompt))], 0, None))[0].tolist()
 
@@ -471,9 +469,9 @@ class _TorchEngine:
         clip = self.spec.optim.grad_clip
         self.grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).item()
         self.applied = math.isfinite(self.grad_norm)  # as DeepSpeed's ZeRO optimizer: drop a non-finite step
-        if self.applied:
+        if self.applied:  # and, as DeepSpeed, the schedule advances only with an applied step
             self.opt.step()
-        self.sched.step()
+            self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
     def was_step_applied(self) -> bool:
