@@ -54,6 +54,28 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="skip finished stages, restart the interrupted one from its last checkpoint")
     sp.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
     sp.set_defaults(func=_run)
+    address_help = ("the head's job API, http://HEAD:8265 (default: $RAY_ADDRESS when it is an http(s) URL, "
+                    "else http://127.0.0.1:8265)")
+    sp = recipe_cmd("submit", "run a recipe as a Ray job on a cluster (uploads the working directory)")
+    sp.add_argument("--address", help=address_help)
+    sp.add_argument("--working-dir", default=".", metavar="DIR",
+                    help="directory shipped to the cluster; must hold the recipe and the local files it names "
+                         "(default: the current directory)")
+    sp.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 unless it succeeded")
+    sp.add_argument("--resume", action="store_true", help="the job runs `posttrain run --resume` (continue a run)")
+    sp.set_defaults(func=_submit)
+    sp = sub.add_parser("jobs", help="list the cluster's jobs")
+    sp.add_argument("--address", help=address_help)
+    sp.set_defaults(func=_jobs)
+    sp = sub.add_parser("logs", help="print a job's logs (exit 1 if it failed or was stopped)")
+    sp.add_argument("job", help="job (submission) id, as printed by submit")
+    sp.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+    sp.add_argument("--address", help=address_help)
+    sp.set_defaults(func=_logs)
+    sp = sub.add_parser("stop", help="stop a running job")
+    sp.add_argument("job", help="job (submission) id")
+    sp.add_argument("--address", help=address_help)
+    sp.set_defaults(func=_stop)
     sp = sub.add_parser("list", help="stage kinds, algorithms, verifiers and bundled recipes")
     sp.set_defaults(func=_list)
     sp = sub.add_parser("verify", help="check one answer or program with a verifier and print the verdict as JSON")
@@ -110,6 +132,68 @@ def _run(args) -> int:
         print(f"{s['name']}: {format_metrics(s['metrics'])}" + (f"  [checkpoint {s['checkpoint']}]" if s.get("checkpoint") else ""))
     report = out / "report.html"
     print(f"run directory: {out}" + (f"\nreport: {report}" if report.exists() else ""))
+    return 0
+
+
+def _submit(args) -> int:
+    import shlex
+
+    from posttrain import jobs
+
+    job = jobs.submit(args.recipe, args.overrides, args.address, args.working_dir, args.resume)
+    addr = shlex.quote(job.url)
+    print(f"submitted job {job.job_id} to {job.url}\n  command: {job.entrypoint}\n"
+          f"  follow:  posttrain logs {job.job_id} --follow --address {addr}\n"
+          f"  stop:    posttrain stop {job.job_id} --address {addr}\n"
+          f"  list:    posttrain jobs --address {addr}", flush=True)
+    return _follow(job.client, job.job_id, job.url) if args.follow else 0
+
+
+def _jobs(args) -> int:
+    from posttrain import jobs
+
+    client, _ = jobs.connect(args.address)
+    print(jobs.jobs_table(client.list_jobs()))
+    return 0
+
+
+def _logs(args) -> int:
+    from posttrain import jobs
+
+    client, url = jobs.connect(args.address)
+    if args.follow:
+        return _follow(client, args.job, url)
+    jobs.job_info(client, args.job, url)  # an unknown id: a clear message
+    print(client.get_job_logs(args.job), end="", flush=True)
+    status, line = jobs.outcome(client, args.job, url)
+    print(line, file=sys.stderr)
+    return 1 if status in ("FAILED", "STOPPED") else 0
+
+
+def _follow(client, job_id: str, url: str) -> int:
+    """Stream until the job ends; exit 0 only if it succeeded. Ctrl-C stops following, not the job."""
+    from posttrain import jobs
+
+    try:
+        jobs.follow(client, job_id, url)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running. Follow again: posttrain logs {job_id} --follow "
+              f"--address {url}; stop it: posttrain stop {job_id} --address {url}", file=sys.stderr)
+        return 130
+    status, line = jobs.outcome(client, job_id, url)
+    print(line, file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _stop(args) -> int:
+    from posttrain import jobs
+
+    client, url = jobs.connect(args.address)
+    was_running, status = jobs.stop(client, args.job, url)
+    if not was_running:
+        print(f"job {args.job} had already ended: {status}")
+    else:
+        print(f"job {args.job}: {status}" + ("" if status in jobs.TERMINAL else " (stop requested; Ray kills it shortly)"))
     return 0
 
 

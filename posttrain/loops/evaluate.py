@@ -50,12 +50,15 @@ def run_eval(ctx: StageContext) -> StageResult:
     return StageResult(metrics, None)
 
 
-def sampler_actors(recipe: Recipe, model_path: str, demand: Demand | None = None, version: int = 0):
+def sampler_actors(recipe: Recipe, model_path: str, demand: Demand | None = None, version: int = 0,
+                   sleep_mode: bool = False):
     """Sampler actors serving `model_path` as weights `version` (a context manager that removes them on exit);
-    `demand`: what each reserves (default: cluster.sampler's own share)."""
+    `demand`: what each reserves (default: cluster.sampler's own share); sleep_mode: vLLM engines that can free
+    their GPU memory while colocated learners train."""
     scfg = recipe.cluster.sampler
+    vllm_args = (scfg.gpu_memory_utilization, "merged", sleep_mode) if scfg.backend == "vllm" else ()
     return spawn(SAMPLER_BACKENDS[scfg.backend], demand or Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
-                 [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)), version)] * scfg.actors)
+                 [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)), version) + vllm_args] * scfg.actors)
 
 
 def verifier_actors(recipe: Recipe, verifier: str):

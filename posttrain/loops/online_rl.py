@@ -86,6 +86,7 @@ class Actors:
     samplers: list
     verifiers: list  # when the reward or the held-out eval needs answers checked
     scorers: list  # reward-model actors when the reward comes from one
+    sleep: bool = False  # colocated vLLM samplers free their GPU memory while the learners train
 
 
 def run_online_rl(ctx: StageContext) -> StageResult:
@@ -146,11 +147,15 @@ def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: P
         state.probe = (samples[0].prompt, samples[0].completion)
         row.update(_probe(actors, state.probe, step, stage, recipe.model.dtype))
     t_score = time.perf_counter()
+    if actors.sleep:
+        gather([s.sleep.remote() for s in actors.samplers])
     row.update(_advantages(stage, actors, samples, rewards[kept], roll, kept, state, pad_id))
     t_adv = time.perf_counter()
     row.update(_update(stage, objective, actors, samples, pad_id, step))
     state.bad_in_a_row = state.bad_in_a_row + 1 if row["skipped_updates"] else 0
     t_learn = time.perf_counter()
+    if actors.sleep:
+        gather([s.wake_up.remote() for s in actors.samplers])
     _push_weights(actors, step + 1)
     if state.probe is not None and (step + 1) % stage.sync.probe_every == 0:
         row.update(_probe(actors, state.probe, step + 1, stage, recipe.model.dtype))
@@ -183,12 +188,13 @@ def _start_actors(ctx: StageContext, stack: ExitStack, n_prompts: int, evaluates
         critics = stack.enter_context(_critic_group(ctx, demands["critic"], updates))[0]
         if resumed is not None:
             gather([c.load.remote(str(resumed / CRITIC_DIR)) for c in critics])
+    sleep = stage.colocate and recipe.cluster.sampler.backend == "vllm"
     samplers = stack.enter_context(sampler_actors(recipe, str(resumed or ctx.model_path), demands["sampler"],
-                                                  version=start))
+                                                  version=start, sleep_mode=sleep))
     verifiers = (stack.enter_context(verifier_actors(recipe, recipe.data[stage.data].verifier))
                  if stage.reward.source == "verifier" or evaluates else [])
     scorers = stack.enter_context(_reward_models(ctx, demands["reward_model"])) if "reward_model" in demands else []
-    return Actors(learners, critics, samplers, verifiers, scorers), counts, start, resumed
+    return Actors(learners, critics, samplers, verifiers, scorers, sleep), counts, start, resumed
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -35,7 +35,8 @@ def check_model_path(path: str, where: str = "model.path") -> None:
         if is_adapter_dir(p):
             check_model_path(adapter_base(p), f"{where} (base of adapter {p})")
         return
-    if path.startswith((".", "/", "~")) or p.suffix:
+    # Hub ids may contain dots ("Qwen/Qwen2.5-1.5B"): only an explicit path or a weights file name is local.
+    if path.startswith((".", "/", "~")) or p.suffix in (".safetensors", ".bin", ".pt", ".json"):
         raise PosttrainError(f"{where}: no such model directory: {p.resolve()}")
     from transformers import AutoConfig
 

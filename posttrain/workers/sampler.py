@@ -1,7 +1,7 @@
 """SamplerWorker: generate completions with the current policy weights.
 
-Backends: `hf` (transformers `generate`, CPU or GPU) here; `vllm` (GPU) is imported only when asked
-for. Every rollout records the weights version it was sampled with, and its per-token
+Backends: `hf` (transformers `generate`, CPU or GPU) here; `vllm` (GPU) in vllm_sampler.py, which imports vLLM
+only when its engine starts. Every rollout records the weights version it was sampled with, and its per-token
 log-probabilities under the *unmodified* model distribution (before temperature/top-k/top-p), the
 quantity learners recompute, so the two can be compared.
 """
@@ -9,13 +9,13 @@ quantity learners recompute, so the two can be compared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.models.weights import WeightSyncError
 from posttrain.recipe.schema import SamplingConfig
+from posttrain.workers.vllm_sampler import VLLMSamplerWorker
 
 
 @dataclass
@@ -60,6 +60,12 @@ class SamplerWorker:
                                   f"unexpected {unexpected[:3]} (is the learner training another architecture?)")
         self.version = version
         return version
+
+    def sleep(self) -> None:
+        """Nothing to free: only the vLLM backend gives its GPU memory to colocated learners (see vllm_sampler)."""
+
+    def wake_up(self) -> None:
+        """The pair of sleep(): a no-op here, so a loop can call both on any backend."""
 
     @torch.no_grad()
     def probe(self, prompt: list[int], completion: list[int]) -> tuple[int, list[float]]:
@@ -123,88 +129,6 @@ def _untied(model: torch.nn.Module, missing: list[str], loaded: dict) -> list[st
         names_of.setdefault(id(p), []).append(name)
     tied_loaded = {n for names in names_of.values() if any(m in loaded for m in names) for n in names}
     return [m for m in missing if m not in tied_loaded]
-
-
-class VLLMSamplerWorker:
-    """The same interface on vLLM (GPU). Needs the `posttrain[vllm]` extra.
-
-    vLLM's default `logprobs_mode` is raw log-probabilities (before temperature and top-k/p), the
-    same quantity the HF backend returns. A LoRA adapter checkpoint is merged into its base first.
-    """
-
-    def __init__(self, model_path: str, dtype: str = "bfloat16", threads: int = 1, version: int = 0,
-                 gpu_memory_utilization: float = 0.85):
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            from posttrain.errors import PosttrainError
-
-            raise PosttrainError("cluster.sampler.backend is vllm but vLLM is not installed: pip install 'posttrain[vllm]' "
-                                 "on the GPU nodes, or use backend: hf") from None
-        self.dtype, self.gpu_memory_utilization = dtype, gpu_memory_utilization
-        self.llm = None
-        self.load_weights(model_path, version)
-
-    def load_weights(self, model_path: str, version: int) -> int:
-        from vllm import LLM
-
-        from posttrain.models.load import is_adapter_dir, merge_adapter
-
-        if is_adapter_dir(model_path):
-            merged = f"{model_path.rstrip('/')}-merged"
-            if not (Path(merged) / "config.json").exists():
-                merge_adapter(model_path, merged, self.dtype)
-            model_path = merged
-        self.llm = None  # free the old engine's memory before the new one allocates its KV cache
-        self.llm = LLM(model=model_path, dtype=self.dtype, gpu_memory_utilization=self.gpu_memory_utilization)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.version = version
-        return version
-
-    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
-        """Load the pushed weights into the running engine in place (no restart): every vLLM worker runs the model's
-        own `load_weights`, which maps Hugging Face names onto vLLM's fused layers."""
-        self.llm.collective_rpc(_vllm_load_weights, args=(state,))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        self.version = version
-        return version
-
-    def probe(self, prompt: list[int], completion: list[int]) -> tuple[int, list[float]]:
-        """(version served, log p of each completion token): vLLM scores the whole sequence as a prompt."""
-        from vllm import SamplingParams
-
-        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        (request,) = self.llm.generate([{"prompt_token_ids": prompt + completion}], sp, use_tqdm=False)
-        # prompt_logprobs[t] holds the log-probability of token t given tokens < t (None at t = 0).
-        steps = request.prompt_logprobs[len(prompt) :]
-        return self.version, [step[tok].logprob for tok, step in zip(completion, steps)]
-
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int,
-                 seed: int = 0) -> Rollouts:
-        from vllm import SamplingParams
-
-        # vLLM schedules its own batches; batch_size only matters for the HF backend.
-        sp = SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
-                            max_tokens=params.max_new_tokens, logprobs=0, seed=seed)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        out = Rollouts([], [], [], [], [], self.version, n)
-        eos = self.tokenizer.eos_token_id
-        for i, request in enumerate(outputs):
-            for seq in request.outputs:
-                ids = list(seq.token_ids)
-                out.prompt_index.append(i)
-                out.completion_ids.append(ids)
-                # logprobs=0 returns the sampled token's own log-probability at each step.
-                out.logprobs.append([step[tok].logprob for tok, step in zip(ids, seq.logprobs)])
-                out.text.append(seq.text)
-                out.finished.append(bool(ids) and ids[-1] == eos)
-        return out
-
-
-def _vllm_load_weights(worker, state: dict[str, torch.Tensor]) -> None:
-    """Runs inside each vLLM worker process (collective_rpc passes the worker first)."""
-    device = next(worker.model_runner.model.parameters()).device
-    worker.model_runner.model.load_weights(weights=[(k, v.to(device)) for k, v in state.items()])
 
 
 SAMPLER_BACKENDS = {"hf": SamplerWorker, "vllm": VLLMSamplerWorker}
