@@ -31,8 +31,12 @@ STAGE_PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
     "rl_rm": (("learner", "sampler", "reward_model"),),
     "ppo": (("learner", "critic", "sampler", "verifier"),),
     "ppo_rm": (("learner", "critic", "sampler", "reward_model"),),
+    # Long-context SSM training runs in the driver; with gradient.workers > 0 its adjoint VJPs go to Ray workers.
+    "longctx_sft": (("adjoint_shard",),),
 }
 COLOCATED = ("learner", "critic", "sampler")  # the roles an RL stage with `colocate: true` puts on shared resources
+# One torch.distributed group each: their ranks all-reduce every step, so they are packed on few nodes.
+GROUPED = ("learner", "critic")
 
 
 def phase_key(stage) -> str:
@@ -64,6 +68,9 @@ def stage_phases(cfg: ClusterConfig, stage) -> list[list[Demand]]:
 
     Colocated roles (an RL stage's `colocate`) take turns on the same CPUs/GPUs, so each reserves its configured
     share divided by the number of colocated roles (Ray's fractional resources)."""
+    if stage.kind == "longctx_sft":
+        workers = stage.gradient.workers
+        return [[Demand("adjoint_shard", workers, 1.0, 0.0)]] if workers else [[]]
     roles = {"learner": cfg.learner, "critic": cfg.learner, "sampler": cfg.sampler, "verifier": cfg.verifier,
              "reward_model": cfg.reward_model}
     phases = []
@@ -158,10 +165,23 @@ class ActorGroup:
             ray.util.remove_placement_group(self.placement)
 
 
+def placement_strategy(demand: Demand, grouped: bool) -> str | None:
+    """The Ray placement-group strategy of a role's actors (one bundle per actor), or None for no group.
+
+    A distributed group (learners, the critic: grouped) is PACKed: Ray puts every bundle on one node when one has
+    room, so ZeRO's collectives stay on NVLink, and spans the fewest nodes otherwise (STRICT_PACK would wait forever
+    instead). Independent GPU actors (vLLM samplers, reward models) SPREAD over nodes, so they do not share a host's
+    memory, PCIe links or failures. CPU-only actors need no group: Ray's default scheduling, as before."""
+    if grouped:
+        return "PACK"
+    return "SPREAD" if demand.gpus else None
+
+
 def spawn(cls: type, demand: Demand, args_per_actor: list[tuple], pack: bool = False) -> ActorGroup:
     """Create one actor of `cls` per argument tuple, each reserving the role's CPUs/GPUs.
 
-    With pack=True the actors share a PACK placement group (learners: keep a group on few nodes).
+    pack=True: the actors form one distributed group (learners). The placement group, if any, follows
+    placement_strategy.
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -170,9 +190,10 @@ def spawn(cls: type, demand: Demand, args_per_actor: list[tuple], pack: bool = F
     remote = ray.remote(cls)
     opts: list[dict] = [dict(num_cpus=demand.cpus, num_gpus=demand.gpus) for _ in args_per_actor]
     pg = None
-    if pack:
+    strategy = placement_strategy(demand, grouped=pack)
+    if strategy:
         bundle = {"CPU": demand.cpus, **({"GPU": demand.gpus} if demand.gpus else {})}
-        pg = placement_group([bundle] * len(args_per_actor), strategy="PACK")
+        pg = placement_group([bundle] * len(args_per_actor), strategy=strategy)
         ready, _ = ray.wait([pg.ready()], timeout=120)
         if not ready:
             ray.util.remove_placement_group(pg)

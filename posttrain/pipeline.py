@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from posttrain.backends import check_backends
 from posttrain.errors import PosttrainError
+from posttrain.memory import resource_lines
 from posttrain.recipe.load import dump_recipe, recipe_to_dict
-from posttrain.recipe.schema import (PAIR_FORMATS, CriticConfig, DPOStage, OnlineRLStage, Recipe, RestEMStage,
-                                     RewardModelStage, SFTStage)
+from posttrain.recipe.schema import (PAIR_FORMATS, CriticConfig, DPOStage, LongCtxSFTStage, OnlineRLStage, Recipe,
+                                     RestEMStage, RewardModelStage, SFTStage)
 from posttrain.verifiers import votes
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,13 @@ def ensure_model(recipe: Recipe) -> None:
 
         log.info("building the tiny Llama model at %s", recipe.model.path)
         build_tiny_model(recipe.model.path, recipe.model.tiny)
+    if recipe.model.ssm is not None and not Path(recipe.model.path).exists():
+        from posttrain.longctx.ssm import build_ssm_model
+
+        spec = recipe.model.ssm
+        log.info("building the selective SSM at %s", recipe.model.path)
+        build_ssm_model(recipe.model.path, spec.vocab_size, spec.hidden_size, spec.state_size, spec.num_layers,
+                        spec.max_timescale, spec.seed)
     check_model_path(recipe.model.path)
     for i, s in enumerate(recipe.stages):
         if s.model and not s.model.startswith("@"):  # "@stage" is resolved when that stage has run
@@ -96,6 +105,8 @@ def plan(recipe: Recipe) -> str:
     lines = [f"run {recipe.name!r} -> {out}", f"ray: {where}",
              f"model: {model.path} ({model.dtype}"
              + (", tiny Llama built there if missing" if model.tiny else "")
+             + (f", selective SSM (K={model.ssm.num_layers}, P={model.ssm.hidden_size}, N={model.ssm.state_size}) built "
+                "there if missing" if model.ssm else "")
              + (f", LoRA r={model.lora.r} alpha={model.lora.alpha} on {','.join(model.lora.target_modules)}" if model.lora else "")
              + ")"]
     sizes: dict[tuple[str, str], int] = {}
@@ -185,6 +196,22 @@ def plan(recipe: Recipe) -> str:
             lines.append(f"  outputs: {out / s.name}/iterations.json, iter-N/checkpoints, iter-N/e_step_samples.jsonl")
         elif isinstance(s, OnlineRLStage):
             lines += _rl_plan(recipe, s, size, out)
+        elif isinstance(s, LongCtxSFTStage):
+            g, kv = s.gradient, recipe.data[s.data].kv_recall
+            lines.append(f"  data: train {size(s.data, s.train_split)}" + (
+                f", held-out answer accuracy on {size(s.data, s.eval_split)} (first {s.eval_rows}) every "
+                f"{s.eval_every} steps" if s.eval_split else "") + f"; documents of {kv.seq_len} tokens, the fact "
+                f"{kv.min_distance}-{kv.max_distance} tokens before the question (chance {1 / kv.n_values:.3f})")
+            how = {"adjoint": "adjoint, exact (per-layer cotangents, 3T VJPs per layer)" if g.window is None else
+                   f"adjoint, truncated to a window of {g.window} tokens", "autograd": "autograd (full graph)",
+                   "checkpoint": "autograd with per-layer checkpointing",
+                   "literal": "paper-literal double sum (O(T^2) VJPs)"}[g.engine]
+            lines.append(f"  train: {s.steps} steps x {s.batch_size} documents, gradient {how}"
+                         + (", the paper's top-of-stack cotangent" if g.cotangent == "top" else "")
+                         + f", VJP chunks of {g.chunk}, lr {s.optim.lr:g} {s.optim.schedule}")
+            lines.append("  runs in the driver" if not g.workers else
+                         f"  VJPs on {g.workers} Ray worker(s), split by {g.split}")
+            lines.append(f"  checkpoints: {out / s.name / 'checkpoints'}/step-NNNNNN every {s.save_every} steps (keep {s.keep_last})")
         else:
             what = (["greedy pass@1"] if s.greedy else []) + (
                 [f"{s.samples} samples/problem -> pass@k{', maj@k' if votes(recipe.data[s.data].verifier) else ''} "
@@ -194,9 +221,11 @@ def plan(recipe: Recipe) -> str:
             lines.append(f"  eval: {'; '.join(what)}; verifier {recipe.data[s.data].verifier}")
             lines.append(f"  samples: {out / s.name}/samples_*.jsonl")
         phases = stage_phases(c, s)
-        for n, phase in enumerate(phases, 1):
-            label = "actors" if len(phases) == 1 else f"actors (phase {n})"
+        for n, phase in enumerate(p for p in phases if p):
+            label = "actors" if len(phases) == 1 else f"actors (phase {n + 1})"
             lines.append(f"  {label}: " + "; ".join(str(d) for d in phase))
+        lines += resource_lines(recipe, s)  # GPU placement and memory per GPU; refuses what cannot fit
+    lines += [f"note: {note}" for note in check_backends(recipe, strict=False)]
     lines.append(f"outputs: {out}/summary.json, metrics.jsonl, report.html")
     return "\n".join(lines)
 
@@ -247,7 +276,11 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
     summary = _summary_to_continue(out, recipe, resume)
     if recipe.cluster.address == "local":
         check_recipe_resources(recipe, local_resources(recipe.cluster))
+    for note in check_backends(recipe, strict=True):  # refuses a backend this environment lacks
+        log.warning(note)
     ensure_model(recipe)
+    for stage in recipe.stages:  # GPU placement and memory: refuses a plan that cannot fit before Ray starts
+        resource_lines(recipe, stage)
     t = recipe.tracking
     wandb = WandbSettings(project=t.wandb_project, mode=t.wandb_mode, entity=t.wandb_entity) if t.wandb else None
     with ray_session(recipe.cluster, _worker_env()) as resources:
@@ -329,13 +362,15 @@ def _first_line(exc: BaseException) -> str:
 def _loops():
     from posttrain.loops.evaluate import run_eval
     from posttrain.loops.expert_iteration import run_rest_em
+    from posttrain.loops.longctx import run_longctx_sft
     from posttrain.loops.online_rl import run_online_rl
     from posttrain.loops.preference import run_dpo
     from posttrain.loops.reward_model import run_reward_model
     from posttrain.loops.supervised import run_sft
 
     return {"sft": run_sft, "eval": run_eval, "rest_em": run_rest_em, "dpo": run_dpo, "reward_model": run_reward_model,
-            "ppo": run_online_rl, "grpo": run_online_rl, "rloo": run_online_rl}
+            "ppo": run_online_rl, "grpo": run_online_rl, "rloo": run_online_rl,
+            "longctx_sft": run_longctx_sft}
 
 
 def _worker_env() -> dict[str, str]:

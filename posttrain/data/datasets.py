@@ -46,6 +46,10 @@ def _task_splits(cfg: DatasetConfig) -> datasets.DatasetDict:
         from posttrain.data.tasks.functions import build_splits as build_functions
 
         return build_functions(cfg.functions)
+    if cfg.task == "kv_recall":
+        from posttrain.data.tasks.kv_recall import build_splits as build_kv_recall
+
+        return build_kv_recall(cfg.kv_recall)
     from posttrain.data.tasks.arithmetic import build_splits
 
     return build_splits(cfg.arithmetic)

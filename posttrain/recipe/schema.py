@@ -16,6 +16,7 @@ from posttrain.algorithms.reward_augmented import DEFAULT_TEMPLATE as REWARD_AUG
 from posttrain.algorithms.rl_config import GRPOConfig, PPOConfig
 from posttrain.data.tasks.arithmetic import ArithmeticConfig
 from posttrain.data.tasks.functions import FunctionsConfig
+from posttrain.data.tasks.kv_recall import KVRecallConfig
 from posttrain.models.tiny import TinyConfig
 
 Problems = list[tuple[str, str]]  # (field name relative to the section, message)
@@ -43,6 +44,22 @@ class LoraConfig:
 
 
 @dataclass
+class SSMSpec:
+    """Shape of the selective diagonal SSM (posttrain.longctx.ssm) built for long-context training."""
+
+    vocab_size: int = 64
+    hidden_size: int = 64  # P
+    state_size: int = 16  # N
+    num_layers: int = 2  # K
+    max_timescale: float = 1000.0  # the slowest initial decay remembers about this many tokens
+    seed: int = 0
+
+    def problems(self) -> Problems:
+        return [(k, "must be >= 1") for k in ("vocab_size", "hidden_size", "state_size", "num_layers")
+                if getattr(self, k) < 1]
+
+
+@dataclass
 class ModelConfig:
     """The starting policy: a local Hugging Face directory or a hub id."""
 
@@ -51,6 +68,8 @@ class ModelConfig:
     lora: LoraConfig | None = None
     # When set, the tiny Llama of the embedded default is built at `path` if it is not there yet.
     tiny: TinyConfig | None = None
+    # When set, a selective state-space LM (longctx_sft stages) is built at `path` if it is not there yet.
+    ssm: SSMSpec | None = None
 
 
 # ---------------------------------------------------------------------- data
@@ -58,9 +77,10 @@ class ModelConfig:
 class DatasetConfig:
     """One named dataset: a built-in synthetic task, or rows loaded with `datasets`."""
 
-    task: Literal["arithmetic", "functions"] | None = None
+    task: Literal["arithmetic", "functions", "kv_recall"] | None = None
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     functions: FunctionsConfig = field(default_factory=FunctionsConfig)  # synthetic code: write f(a, b)
+    kv_recall: KVRecallConfig = field(default_factory=KVRecallConfig)  # long documents (token ids, longctx_sft)
     path: str | None = None  # local jsonl/parquet file or directory, or a hub id
     subset: str | None = None  # hub dataset configuration (e.g. "main" for openai/gsm8k)
     # prompt_completion / messages: generic rows. gsm8k (question, answer ending in "#### n") and
@@ -122,6 +142,9 @@ class SamplerConfig:
     gpus: float = 0.0
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: int = 512  # prompts per generate call; large batches amortise per-token overhead
+    # vllm: the fraction of the whole GPU's memory each engine takes (weights, then KV cache in the rest); lower it
+    # when roles are colocated on the GPU.
+    gpu_memory_utilization: float = 0.85
 
     def problems(self) -> Problems:
         out: Problems = []
@@ -131,6 +154,8 @@ class SamplerConfig:
             out.append(("gpus", "the vllm backend needs gpus > 0 per sampler actor"))
         if self.batch_size < 1:
             out.append(("batch_size", "must be >= 1"))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            out.append(("gpu_memory_utilization", "must be in (0, 1]"))
         return out
 
 
@@ -165,11 +190,27 @@ class ClusterConfig:
 
     address: str = "local"  # "local" starts Ray here; "auto" or "ray://host:10001" connects
     num_cpus: int | None = None  # CPUs of the local Ray (default: all cores of this machine)
-    num_gpus: int = 0
+    num_gpus: int = 0  # GPUs of the local Ray
+    # For the plan (--dry-run) and its checks; unset: not checked. Memory of one GPU in GiB as vendors label it
+    # (40: A100 40GB, 80: H100 80GB); the cluster's shape (a p4d.24xlarge node has 8 GPUs).
+    gpu_memory_gb: float | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     reward_model: RewardModelServiceConfig = field(default_factory=RewardModelServiceConfig)
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
+            out.append(("gpu_memory_gb", "must be > 0"))
+        for key in ("nodes", "gpus_per_node"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                out.append((key, "must be >= 1"))
+        if self.nodes is not None and self.gpus_per_node is None:
+            out.append(("nodes", "set gpus_per_node too (the plan counts GPUs as nodes x gpus_per_node)"))
+        return out
 
 
 # ------------------------------------------------------------------ tracking
@@ -665,10 +706,62 @@ class OnlineRLStage:
         return (self.ppo or PPOConfig()) if self.kind == "ppo" else (self.grpo or GRPOConfig())
 
 
-Stage = Union[SFTStage, EvalStage, RestEMStage, DPOStage, RewardModelStage, OnlineRLStage]
+@dataclass
+class GradientConfig:
+    """How a longctx_sft stage computes gradients (posttrain.longctx.adjoint)."""
+
+    engine: Literal["adjoint", "autograd", "checkpoint", "literal"] = "adjoint"
+    window: int | None = None  # T̄: truncated adjoint, dropping paths longer than this many tokens
+    chunk: int = 256  # tokens per batched VJP: bounds the transient memory of the backward
+    cotangent: Literal["per_layer", "top"] = "per_layer"  # "top": the paper's Eq. 6, not the gradient when K > 1
+    workers: int = 0  # Ray workers sharing the VJP work (0: in the driver)
+    split: Literal["layers", "time"] = "time"  # workers own blocks of layers, or chunks of time of every layer
+
+    def problems(self) -> Problems:
+        out: Problems = []
+        if self.window is not None and self.window < 1:
+            out.append(("window", "must be >= 1 (or null for the exact gradient)"))
+        if self.chunk < 1:
+            out.append(("chunk", "must be >= 1"))
+        if self.workers < 0:
+            out.append(("workers", "must be >= 0"))
+        if self.engine in ("autograd", "checkpoint") and (self.window is not None or self.cotangent != "per_layer"):
+            out.append(("engine", f"{self.engine} computes the plain gradient: window and cotangent apply to the "
+                                  "adjoint and literal engines"))
+        if self.workers and self.engine != "adjoint":
+            out.append(("workers", f"only the adjoint engine is sharded across workers, not {self.engine}"))
+        return out
+
+
+@dataclass
+class LongCtxSFTStage:
+    """Long-context training of a selective SSM with adjoint-sharded gradients (loss on labelled tokens)."""
+
+    kind: Literal["longctx_sft"]
+    data: str
+    name: str | None = None
+    model: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = "test"
+    steps: int = 1000
+    batch_size: int = 16  # documents per optimizer step
+    gradient: GradientConfig = field(default_factory=GradientConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_every: int = 250
+    eval_rows: int = 256  # held-out documents scored for answer accuracy
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 50
+
+    def problems(self) -> Problems:
+        return [(k, "must be >= 1") for k in ("steps", "batch_size", "eval_every", "eval_rows", "save_every",
+                                              "keep_last", "log_every") if getattr(self, k) < 1]
+
+
+Stage = Union[SFTStage, EvalStage, RestEMStage, DPOStage, RewardModelStage, OnlineRLStage, LongCtxSFTStage]
 STAGE_KINDS: dict[str, type] = {"sft": SFTStage, "eval": EvalStage, "rest_em": RestEMStage, "dpo": DPOStage,
                                 "reward_model": RewardModelStage, "ppo": OnlineRLStage, "grpo": OnlineRLStage,
-                                "rloo": OnlineRLStage}
+                                "rloo": OnlineRLStage, "longctx_sft": LongCtxSFTStage}
 STAGE_DESCRIPTIONS: dict[str, str] = {
     "sft": "supervised fine-tuning on prompt/completion pairs (loss on completion tokens)",
     "eval": "sample with the policy and score: greedy pass@1, unbiased pass@k, maj@k",
@@ -678,6 +771,7 @@ STAGE_DESCRIPTIONS: dict[str, str] = {
     "ppo": "PPO with a critic, GAE and the PPO-max stabilisers; verifier or reward-model rewards; verified weight sync",
     "grpo": "GRPO: group-normalised outcome advantages, clipped surrogate, k3 KL term; verified weight sync",
     "rloo": "RLOO: leave-one-out baseline over each prompt's samples, GRPO's clipped loss; verified weight sync",
+    "longctx_sft": "long-context training of a selective SSM with adjoint-sharded gradients (exact or truncated)",
 }
 
 
@@ -722,6 +816,7 @@ class Recipe:
                             f" x micro_batch_size ({train.micro_batch_size}) = {per_step}"))
             if isinstance(stage, OnlineRLStage):
                 out += [(f"stages.{i}.{k}", m) for k, m in self._rl_problems(stage, i)]
+            out += [(f"stages.{i}.{k}", m) for k, m in self._longctx_problems(stage)]
             online = stage.online if isinstance(stage, DPOStage) else None
             rl_reward = stage.reward if isinstance(stage, OnlineRLStage) else None
             needs_verifier = isinstance(stage, (EvalStage, RestEMStage)) or (online and online.label == "verifier") or (
@@ -768,6 +863,24 @@ class Recipe:
                 known = ", ".join(sorted(self.data)) or "none"
                 out.append((f"stages.{i}.data", f"unknown dataset {stage.data!r} (defined under data: {known})"))
         return out
+
+    def _longctx_problems(self, stage) -> Problems:
+        """An SSM trains only in longctx_sft stages, on token-id documents; the other stages need a Llama."""
+        data = self.data.get(stage.data)
+        long_data = data is not None and data.task == "kv_recall"
+        if isinstance(stage, LongCtxSFTStage):
+            out: Problems = []
+            if data is not None and not long_data:
+                out.append(("data", f"longctx_sft reads token-id documents: data.{stage.data}.task must be kv_recall"))
+            if self.model.tiny is not None:
+                out.append(("kind", "longctx_sft trains a selective SSM: set model.ssm instead of model.tiny"))
+            return out
+        if self.model.ssm is not None:
+            return [("kind", f"model.ssm is a state-space model for longctx_sft stages; {stage.kind} needs a "
+                             "transformers causal LM (drop model.ssm)")]
+        if long_data:
+            return [("data", f"data.{stage.data} (kv_recall) holds token-id documents: only longctx_sft reads them")]
+        return []
 
     def _rl_problems(self, stage: OnlineRLStage, i: int) -> Problems:
         out: Problems = []
