@@ -48,6 +48,7 @@ class AdjointShard:
     def backward(self, G: torch.Tensor, engine: Engine) -> tuple[torch.Tensor, dict[str, torch.Tensor], Counter]:
         grads: dict = {}
         vjps: Counter = Counter()
+        G = G.clone()  # the backward updates it in place; an object from Ray's store may be read-only
         for k in reversed(range(len(self.blocks))):
             G_in = layer_backward(self.blocks[k], self.saved.pop(k), G, engine, grads, vjps)
             G = G_in if engine.cotangent == "per_layer" else G
