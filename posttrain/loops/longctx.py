@@ -37,7 +37,9 @@ def run_longctx_sft(ctx: StageContext) -> StageResult:
     stage: LongCtxSFTStage = ctx.stage
     g = stage.gradient
     engine = Engine(g.engine, g.window, g.chunk, g.cotangent)
-    model = load_ssm(ctx.model_path, ctx.recipe.model.dtype)
+    root = ctx.stage_dir / "checkpoints"
+    found = checkpoint.latest(root) if ctx.resume else None
+    model = load_ssm(found[0] if found else ctx.model_path, ctx.recipe.model.dtype)
     train_ids, train_labels, _ = _documents(ctx, stage.train_split)
     held_out = _documents(ctx, stage.eval_split, stage.eval_rows) if stage.eval_split else None
     if int(train_ids.max()) >= model.config.vocab_size:
@@ -45,13 +47,9 @@ def run_longctx_sft(ctx: StageContext) -> StageResult:
                              f"the model's vocab_size is {model.config.vocab_size}: raise model.ssm.vocab_size")
     o = stage.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    root = ctx.stage_dir / "checkpoints"
     start, metrics, last_ckpt = 0, {}, None
-    if ctx.resume and (found := checkpoint.latest(root)) is not None:
+    if found is not None:
         path, state = found
-        model = load_ssm(path, ctx.recipe.model.dtype)
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                weight_decay=o.weight_decay)
         opt.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
         start, metrics, last_ckpt = state["step"], state.get("metrics", {}), str(path)
         log.info("%s: resumed from %s (step %d)", stage.name, path, start)
