@@ -85,7 +85,7 @@ def test_ints_become_floats_and_exponents_parse(tmp_path: Path) -> None:
         ("train_split: sft", "optim: {lr: fast}", "stages.0.optim.lr", 7, "expected a number, got 'fast'"),
         ("path: /tmp/m", "path: 5", "model.path", 3, "expected a string, got 5"),
         ("kind: sft", "kind: stf", "stages.0.kind", 7, "did you mean 'sft'?"),
-        ("{kind: eval, ", "{", "stages.1.kind", 8, "missing required key 'kind' (one of: sft, eval, rest_em, dpo, reward_model, ppo, grpo, rloo)"),
+        ("{kind: eval, ", "{", "stages.1.kind", 8, "missing required key 'kind' (one of: sft, eval, rest_em, dpo, reward_model, ppo, grpo, rloo, longctx_sft)"),
         ("{kind: eval, data: arith,", "{kind: eval,", "stages.1.data", 8, "missing required key 'data'"),
         ("dtype: float32", "dtype: fp32", "model.dtype", 3, "expected one of 'float32', 'bfloat16', 'float16'"),
         ("data: arith, split", "data: arth, split", "stages.1.data", 8, "unknown dataset 'arth'"),
