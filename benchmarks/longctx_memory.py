@@ -166,6 +166,10 @@ def report(results: dict[str, list[dict]], args) -> None:
         lines.append(f"autograd / adjoint slope: {slopes['autograd'] / slopes['adjoint']:.2f}x"
                      + (f"; checkpoint / adjoint: {slopes['checkpoint'] / slopes['adjoint']:.2f}x"
                         if "checkpoint" in slopes else ""))
+    # What the adjoint engine cannot avoid holding: each layer's x and h, then the top output (overwritten by dL/dy_K).
+    stored = 4 * args.batch * (args.layers * (args.hidden + args.state) + args.hidden)
+    lines.append(f"adjoint's stored state: 4 B x batch x (K (P + N) + P) = {stored:,} bytes/token"
+                 + (f"; autograd / stored: {slopes['autograd'] / stored:.2f}x" if "autograd" in slopes else ""))
     table = "\n".join(lines)
     print("\n" + table)
     (out / f"longctx_memory_{args.device}.md").write_text(table + "\n")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +75,10 @@ def loss_and_grad(model: SelectiveSSMForCausalLM, input_ids: torch.Tensor, label
         loss.backward()
         return GradResult(loss.item(), targets)
     result = GradResult(0.0, targets)
-    saved, y = adjoint_forward(model.blocks, model.embed(input_ids).detach())
+    saved, y = adjoint_forward(model.blocks, model.embed(input_ids).detach(), engine.chunk)
     grads: dict[torch.nn.Parameter, torch.Tensor] = {}
-    result.loss, G = head_backward(model, y, labels, engine.chunk, grads)
+    result.loss, G = head_backward(model, y, labels, engine.chunk, grads, overwrite=True)
+    del y  # G holds its storage
     for k in reversed(range(len(model.blocks))):
         G_in = layer_backward(model.blocks[k], saved.pop(k), G, engine, grads, result.vjps)
         G = G_in if engine.cotangent == "per_layer" else G  # "top": every layer sees g = dL/dy_K
@@ -96,31 +97,46 @@ def set_grads(model: SelectiveSSMForCausalLM, input_ids: torch.Tensor, G0: torch
 
 # ------------------------------------------------------------------- forward
 @torch.no_grad()
-def adjoint_forward(blocks, y: torch.Tensor) -> tuple[list[Saved], torch.Tensor]:
-    """The layer-sequential forward without a graph; returns each layer's Saved and the top output y_K."""
+def adjoint_forward(blocks, y: torch.Tensor, chunk: int | None = None) -> tuple[list[Saved], torch.Tensor]:
+    """The layer-sequential forward without a graph; returns each layer's Saved and the top output y_K.
+
+    Each layer runs over time chunks with the state carried across their boundaries (folded into the first
+    input: h_s = a_s h_{s-1} + u_s), so a, B x and C exist for one chunk at a time: what is held is the stored x
+    and h of every layer, plus one chunk."""
     saved = []
+    B, T, _ = y.shape
     for block in blocks:
-        log_a, u, c = block.maps(y)
-        h = linear_scan(log_a.exp(), u)
+        h = y.new_empty(B, T, block.a_proj.out_features)
+        y_next = torch.empty_like(y)
+        for sl in _chunks(T, chunk or T):
+            log_a, u, c = block.maps(y[:, sl])
+            a = log_a.exp()
+            if sl.start > 0:
+                u[:, 0] += a[:, 0] * h[:, sl.start - 1]
+            h[:, sl] = linear_scan(a, u)
+            torch.add(y[:, sl], block.readout(c, h[:, sl]), out=y_next[:, sl])
         saved.append(Saved(y, h))
-        y = y + block.readout(c, h)
-        del log_a, u, c
+        y = y_next
     return saved, y
 
 
 def head_backward(model: SelectiveSSMForCausalLM, y: torch.Tensor, labels: torch.Tensor, chunk: int,
-                  grads: dict) -> tuple[float, torch.Tensor]:
-    """Loss and g = dL/dy_K, the head's gradients added to `grads`; logits exist one time chunk at a time."""
+                  grads: dict, overwrite: bool = False) -> tuple[float, torch.Tensor]:
+    """Loss and g = dL/dy_K, the head's gradients added to `grads`; logits exist one time chunk at a time.
+
+    overwrite: g is written over y chunk by chunk (the top activations are not needed once the head has seen
+    them), so the backward starts without a second (B, T, D) tensor."""
     targets = next_token_targets(labels)
     n = max(1, int((targets != IGNORE).sum()))
-    g = torch.zeros_like(y)
+    g = y if overwrite else torch.zeros_like(y)
     params = [model.norm_f, model.lm_head.weight]
     loss = 0.0
     for s in _chunks(y.shape[1], chunk):
-        yc = y[:, s].detach().requires_grad_()
         tc = targets[:, s]
         if not (tc != IGNORE).any():
+            g[:, s] = 0
             continue
+        yc = y[:, s].clone().requires_grad_()
         part = F.cross_entropy(at_least_fp32(model.head(yc)).flatten(0, 1), tc.flatten(), ignore_index=IGNORE,
                                reduction="sum") / n
         gy, *gp = torch.autograd.grad(part, [yc, *params])
@@ -137,20 +153,60 @@ def layer_backward(block: SSMBlock, s: Saved, G: torch.Tensor, engine: Engine,
                    grads: dict, vjps: Counter) -> torch.Tensor:
     """One layer's parameter gradients (added to `grads`) and its input cotangent dL/dy_{k-1}.
 
-    With per-layer cotangents G is updated in place into dL/dy_{k-1} (each chunk's G is read before it is
-    overwritten), so the backward holds one cotangent sequence, not two."""
+    Time chunks are visited from the last to the first: each chunk's adjoint states come from the reverse scan
+    carried in from the chunk after it, then its tokens take their VJPs. With per-layer cotangents G is updated
+    in place into dL/dy_{k-1} (a chunk's G is read before it is overwritten, and earlier chunks are untouched), so
+    the backward holds one cotangent sequence and one chunk's transients."""
     if engine.kind == "literal":
         return _literal_backward(block, s, G, engine.window, grads, vjps)
-    log_a, _, c = block.maps(s.x)
-    mu = adjoint_states(log_a, c, G, block.out_proj.weight, engine.window)
-    del log_a, c
-    h_prev = shift_right(s.h)
     G_in = G if engine.cotangent == "per_layer" else G.clone()  # the residual path, plus the VJPs below
-    for sl in _chunks(G.shape[1], engine.chunk):
-        G_in[:, sl] += token_vjps(block, s.x[:, sl], s.h[:, sl],
-                                  (mu[:, sl] * h_prev[:, sl], mu[:, sl], G[:, sl]), grads)
+    for sl, mu in adjoint_state_chunks(block, s.x, G, engine.chunk, engine.window):
+        h_prev = s.h[:, sl.start - 1: sl.stop - 1] if sl.start > 0 else shift_right(s.h[:, sl])
+        G_in[:, sl] += token_vjps(block, s.x[:, sl], s.h[:, sl], (mu * h_prev, mu, G[:, sl]), grads)
         vjps.update({"A": sl.stop - sl.start, "B": sl.stop - sl.start, "C": sl.stop - sl.start})
     return G_in
+
+
+@torch.no_grad()
+def adjoint_state_chunks(block: SSMBlock, x: torch.Tensor, G: torch.Tensor, chunk: int,
+                         window: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`adjoint_states` of one layer, yielded chunk by chunk from the end of the sequence.
+
+    The recurrence mu_i = G_i C_i + a_{i+1} mu_{i+1} enters a chunk through its last position. A window needs
+    mu and the decay products T̄ steps ahead, so the untruncated mu and the float64 suffix sums of log a of the
+    next T̄ positions are kept (O(T̄), not O(T))."""
+    T = G.shape[1]
+    w_out = block.out_proj.weight
+    window = None if window is None or window >= T else window
+    mu_next = a_next = None  # mu and a at the first position of the chunk after this one
+    R_next = None  # R_i = sum_{j > i} log a_j (float64) at that position
+    tail_mu = tail_R = tail_log_a = None  # untruncated mu, R and log a of the T̄ positions after this chunk
+    for sl in reversed(_chunks(T, chunk)):
+        log_a, _, c = block.maps(x[:, sl])
+        a = log_a.exp()
+        d = c * (G[:, sl] @ w_out)  # G_t C_t = (W_out^T G_t) * c_t
+        if mu_next is not None:
+            d[:, -1] += a_next * mu_next
+        mu = reverse_scan(a, d)
+        mu_next, a_next = mu[:, 0], a[:, 0]
+        if window is None:
+            yield sl, mu
+            continue
+        # Suffix sums of log a within the chunk, continued from the chunk after it: R_i = R_{i+1} + log a_{i+1}.
+        la = log_a.double()
+        after = R_next + tail_log_a if R_next is not None else torch.zeros_like(la[:, 0])
+        R = after[:, None] + la.flip(1).cumsum(1).flip(1) - la
+        R_next, tail_log_a = R[:, 0], la[:, 0]  # R and log a at this chunk's first position
+        full_mu = mu if tail_mu is None else torch.cat([mu, tail_mu], 1)
+        full_R = R if tail_R is None else torch.cat([R, tail_R], 1)
+        # Drop the losses `window` or more steps later: mu_i -= (a_{i+1} ... a_{i+T̄}) mu_{i+T̄}, where i + T̄ < T.
+        n = min(sl.stop - sl.start, full_mu.shape[1] - window)
+        out = mu.clone()
+        if n > 0:
+            span = torch.exp(R[:, :n] - full_R[:, window: window + n]).to(mu.dtype)
+            out[:, :n] -= span * full_mu[:, window: window + n]
+        tail_mu, tail_R = full_mu[:, :window], full_R[:, :window]
+        yield sl, out
 
 
 @torch.no_grad()

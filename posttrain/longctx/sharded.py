@@ -41,8 +41,8 @@ class AdjointShard:
         self.blocks.load_state_dict(state)
 
     # -- split by layers
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        self.saved, y = adjoint_forward(self.blocks, y)
+    def forward(self, y: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        self.saved, y = adjoint_forward(self.blocks, y, chunk)
         return y
 
     def backward(self, G: torch.Tensor, engine: Engine) -> tuple[torch.Tensor, dict[str, torch.Tensor], Counter]:
@@ -106,15 +106,15 @@ def sharded_loss_and_grad(model: SelectiveSSMForCausalLM, input_ids: torch.Tenso
     y = model.embed(input_ids).detach()
     if split == "layers":
         for s in shards:
-            y = ray.get(s.forward.remote(y))
+            y = ray.get(s.forward.remote(y, engine.chunk))
         result.loss, G = head_backward(model, y, labels, engine.chunk, grads)
         for s, layers in reversed(list(zip(shards, layouts))):
             G, block_grads, vjps = ray.get(s.backward.remote(G, engine))
             _collect(model, layers, block_grads, grads)
             result.vjps.update(vjps)
     else:
-        saved, y = adjoint_forward(model.blocks, y)
-        result.loss, G = head_backward(model, y, labels, engine.chunk, grads)
+        saved, y = adjoint_forward(model.blocks, y, engine.chunk)
+        result.loss, G = head_backward(model, y, labels, engine.chunk, grads, overwrite=True)
         for k in reversed(range(len(model.blocks))):
             G_in = _time_split_layer(model, k, saved.pop(k), G, engine, shards, grads)
             result.vjps.update({key: G.shape[1] for key in "ABC"})

@@ -4,7 +4,8 @@
 
 Token ids: 0 <pad>, 1 <bos>, 2 <kv>, 3 <query>, then keys, values and filler words. The answer v is the only
 labelled token, so a model must carry it across `distance` tokens (drawn from [min_distance, max_distance]);
-chance accuracy is 1 / n_values. Rows are token ids (no tokenizer): columns id, input_ids, labels, answer,
+chance accuracy is 1 / n_values. With `bos: false` the document opens with filler (a token always T-1 steps
+before the loss lies outside every truncation window shorter than the document, so it never trains). Rows are token ids (no tokenizer): columns id, input_ids, labels, answer,
 distance.
 """
 
@@ -31,6 +32,7 @@ class KVRecallConfig:
     n_train: int = 4096
     n_test: int = 512
     seed: int = 0
+    bos: bool = True  # <bos> at position 0 (false: the document opens with filler)
 
     def __post_init__(self) -> None:
         for name in ("n_keys", "n_values", "n_filler", "n_test"):
@@ -68,7 +70,8 @@ def _documents(cfg: KVRecallConfig, n: int, rng, split: str) -> dict[str, list]:
     keys = rng.integers(0, cfg.n_keys, size=n)
     values = rng.integers(0, cfg.n_values, size=n)
     distance = rng.integers(cfg.min_distance, cfg.max_distance + 1, size=n)
-    ids[:, 0] = BOS
+    if cfg.bos:
+        ids[:, 0] = BOS
     rows = np.arange(n)
     query = T - 3  # <query> k at T-3, T-2; the answer v at T-1 is predicted from position T-2
     v_pos = T - 2 - distance
