@@ -5,8 +5,8 @@
 Token ids: 0 <pad>, 1 <bos>, 2 <kv>, 3 <query>, then keys, values and filler words. The answer v is the only
 labelled token, so a model must carry it across `distance` tokens (drawn from [min_distance, max_distance]);
 chance accuracy is 1 / n_values. With `bos: false` the document opens with filler (a token always T-1 steps
-before the loss lies outside every truncation window shorter than the document, so it never trains). Rows are token ids (no tokenizer): columns id, input_ids, labels, answer,
-distance.
+before the loss lies outside every truncation window shorter than the document, so it never trains). Rows are
+token ids (no tokenizer): columns id, input_ids, labels, answer, distance.
 """
 
 from __future__ import annotations
