@@ -161,8 +161,7 @@ def layer_backward(block: SSMBlock, s: Saved, G: torch.Tensor, engine: Engine,
         return _literal_backward(block, s, G, engine.window, grads, vjps)
     G_in = G if engine.cotangent == "per_layer" else G.clone()  # the residual path, plus the VJPs below
     for sl, mu in adjoint_state_chunks(block, s.x, G, engine.chunk, engine.window):
-        h_prev = s.h[:, sl.start - 1: sl.stop - 1] if sl.start > 0 else shift_right(s.h[:, sl])
-        G_in[:, sl] += token_vjps(block, s.x[:, sl], s.h[:, sl], (mu * h_prev, mu, G[:, sl]), grads)
+        G_in[:, sl] += token_vjps(block, s.x[:, sl], s.h[:, sl], (mu * h_prev(s.h, sl), mu, G[:, sl]), grads)
         vjps.update({"A": sl.stop - sl.start, "B": sl.stop - sl.start, "C": sl.stop - sl.start})
     return G_in
 
@@ -170,7 +169,8 @@ def layer_backward(block: SSMBlock, s: Saved, G: torch.Tensor, engine: Engine,
 @torch.no_grad()
 def adjoint_state_chunks(block: SSMBlock, x: torch.Tensor, G: torch.Tensor, chunk: int,
                          window: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
-    """`adjoint_states` of one layer, yielded chunk by chunk from the end of the sequence.
+    """The adjoint states mu_i = dL/dh_i of one layer (with a window, only the losses t < i + T̄ count), yielded
+    chunk by chunk from the end of the sequence.
 
     The recurrence mu_i = G_i C_i + a_{i+1} mu_{i+1} enters a chunk through its last position. A window needs
     mu and the decay products T̄ steps ahead, so the untruncated mu and the float64 suffix sums of log a of the
@@ -207,25 +207,6 @@ def adjoint_state_chunks(block: SSMBlock, x: torch.Tensor, G: torch.Tensor, chun
             out[:, :n] -= span * full_mu[:, window: window + n]
         tail_mu, tail_R = full_mu[:, :window], full_R[:, :window]
         yield sl, out
-
-
-@torch.no_grad()
-def adjoint_states(log_a: torch.Tensor, c: torch.Tensor, G: torch.Tensor, w_out: torch.Tensor,
-                   window: int | None = None) -> torch.Tensor:
-    """mu_i = sum over losses t >= i (t < i + window) of G_t C_t a_t ... a_{i+1}: dL/dh_i, by one reverse scan."""
-    direct = c * (G @ w_out)  # G_t C_t = (W_out^T G_t) * c_t
-    a = log_a.exp()
-    mu = reverse_scan(a, direct)
-    T = mu.shape[1]
-    if window is None or window >= T:
-        return mu
-    # Drop the losses `window` or more steps later: mu_i -= (a_{i+1} ... a_{i+window}) mu_{i+window}. The products
-    # come from a float64 running sum of log a (differences of cumulative sums, never a product that underflows).
-    L = torch.cumsum(log_a.double(), dim=1)
-    span = torch.exp(L[:, window:] - L[:, :-window]).to(mu.dtype)
-    out = mu.clone()
-    out[:, :-window] -= span * mu[:, window:]
-    return out
 
 
 def token_vjps(block: SSMBlock, x: torch.Tensor, h: torch.Tensor,
@@ -270,6 +251,11 @@ def _literal_backward(block: SSMBlock, s: Saved, G: torch.Tensor, window: int | 
 
 
 # ------------------------------------------------------------------- helpers
+def h_prev(h: torch.Tensor, sl: slice) -> torch.Tensor:
+    """h_{t-1} for the positions t in `sl` (h_{-1} = 0)."""
+    return h[:, sl.start - 1: sl.stop - 1] if sl.start > 0 else shift_right(h[:, sl])
+
+
 def _chunks(T: int, size: int) -> list[slice]:
     return [slice(s, min(T, s + size)) for s in range(0, T, size)]
 

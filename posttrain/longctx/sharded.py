@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 
-from posttrain.longctx.adjoint import (Engine, GradResult, Saved, _add, _chunks, adjoint_forward, adjoint_states,
-                                       head_backward, layer_backward, set_grads, token_vjps)
-from posttrain.longctx.ssm import IGNORE, SelectiveSSMConfig, SelectiveSSMForCausalLM, SSMBlock, next_token_targets, shift_right
+from posttrain.longctx.adjoint import (Engine, GradResult, Saved, _add, adjoint_forward, adjoint_state_chunks,
+                                       h_prev, head_backward, layer_backward, set_grads, token_vjps)
+from posttrain.longctx.ssm import IGNORE, SelectiveSSMConfig, SelectiveSSMForCausalLM, SSMBlock, next_token_targets
 
 Split = Literal["layers", "time"]
 
@@ -127,13 +127,8 @@ def _time_split_layer(model, k: int, s: Saved, G: torch.Tensor, engine: Engine, 
                       grads: dict) -> torch.Tensor:
     import ray
 
-    block = model.blocks[k]
-    with torch.no_grad():
-        log_a, _, c = block.maps(s.x)
-    mu = adjoint_states(log_a, c, G, block.out_proj.weight, engine.window)
-    h_prev = shift_right(s.h)
-    chunks = _chunks(G.shape[1], engine.chunk)
-    parts = [(sl, (s.x[:, sl], s.h[:, sl], mu[:, sl] * h_prev[:, sl], mu[:, sl], G[:, sl])) for sl in chunks]
+    parts = [(sl, (s.x[:, sl], s.h[:, sl], mu * h_prev(s.h, sl), mu, G[:, sl]))
+             for sl, mu in adjoint_state_chunks(model.blocks[k], s.x, G, engine.chunk, engine.window)]
     mine = [parts[i::len(shards)] for i in range(len(shards))]  # round robin: equal work per worker
     outs = ray.get([w.chunk_vjps.remote(k, [p for _, p in m]) for w, m in zip(shards, mine) if m])
     G_in = G.clone()
