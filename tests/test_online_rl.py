@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from posttrain.algorithms.rl_objective import RLObjective
-from posttrain.algorithms.rl_config import GRPOConfig
-from posttrain.data.batching import RLSample, collate_rl
+from posttrain.algorithms.rl_config import GRPOConfig, PPOConfig
+from posttrain.data.batching import Example, RLSample, collate, collate_rl
 from posttrain.models.weights import parity_report
 from posttrain.recipe.schema import LoraConfig, OptimConfig
 from posttrain.workers.learner import LearnerSpec, LearnerWorker
@@ -60,6 +60,34 @@ def test_update_is_the_same_for_any_micro_batch_split(tiny_model, aggregation):
     # metrics come back as sums over tokens (the driver divides once over all ranks); extremes as extremes
     assert out1["kl"] == 0.0 and out1["ratio_mean"] == pytest.approx(out1["tokens"]) and out1["tokens"] == 14
     assert out1["is_ratio_max"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ppo_ptx_adds_coef_times_the_sft_gradient_for_any_split(tiny_model):
+    """With zero advantages the PPO surrogate has no gradient, so the update is the ptx term alone: at ptx_coef 1 it
+    is exactly an SFT step on the same sequences, at 0.5 its gradient norm halves, and splitting the RL and ptx
+    sequences into two micro-batches changes nothing."""
+    lm = [Example(p + c, len(p)) for p, c in zip(PROMPTS[::-1], COMPLETIONS)]  # other pairings than the RL samples
+    sft = _learner(tiny_model, gas=1, mbs=4)
+    batch = collate(lm, 0)
+    sft_out = sft.train_step(0, [batch], batch.n_target_tokens)
+    runs = {}
+    for coef, gas in ((1.0, 1), (0.5, 1), (0.5, 2)):
+        w = _learner(tiny_model, gas=gas, mbs=4 // gas)
+        samples = _samples(w, advantages=[0.0] * 4)
+        rl = [collate_rl(samples, 0, None)] if gas == 1 else [collate_rl(samples[:3], 0, 32), collate_rl(samples[3:], 0, 32)]
+        ptx = [batch] if gas == 1 else [collate(lm[:1], 0), collate(lm[1:], 0)]
+        totals = {**_totals(samples), "ptx_tokens": float(batch.n_target_tokens)}
+        out = w.rl_step(0, rl, totals, RLObjective("ppo", ppo=PPOConfig(ptx_coef=coef)), ptx)
+        assert out["applied"] == 1.0 and out["ptx_tokens"] == batch.n_target_tokens == 14
+        assert out["ptx_nll_sum"] == pytest.approx(sft_out["nll_sum"], rel=1e-6)
+        runs[coef, gas] = out, _params(w)
+    assert runs[1.0, 1][0]["grad_norm"] == pytest.approx(sft_out["grad_norm"], rel=1e-6)
+    for (name, a), b in zip(_params(sft).items(), runs[1.0, 1][1].values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+    assert runs[0.5, 1][0]["grad_norm"] == pytest.approx(0.5 * sft_out["grad_norm"], rel=1e-5)
+    assert runs[0.5, 2][0]["grad_norm"] == pytest.approx(runs[0.5, 1][0]["grad_norm"], rel=1e-5)
+    for (name, a), b in zip(runs[0.5, 1][1].items(), runs[0.5, 2][1].values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_identical_advantages_move_nothing_and_nan_skips_the_step(tiny_model):

@@ -6,6 +6,7 @@ non-finite update."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -102,7 +103,7 @@ def test_a_sampler_that_ignores_a_weight_update_stops_the_run(tmp_path, tiny_mod
     assert ckpts == []  # it stopped on the first push, before training on a single stale sample
 
 
-def test_ppo_trains_a_critic_initialised_from_the_reward_model(tmp_path, tiny_model):
+def test_ppo_ptx_trains_a_critic_initialised_from_the_reward_model(tmp_path, tiny_model):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rm_dir = tmp_path / "rm"
@@ -112,13 +113,15 @@ def test_ppo_trains_a_critic_initialised_from_the_reward_model(tmp_path, tiny_mo
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(rm_dir)
     recipe = _rl_recipe(tmp_path, tiny_model, kind="ppo", eval_split=None,
                         reward={"source": "reward_model", "reward_model": str(rm_dir)},
-                        ppo={"kl_coef": 0.05}, critic={"optim": {"lr": 1e-3}})
+                        ppo={"kl_coef": 0.05, "ptx_coef": 0.5}, critic={"optim": {"lr": 1e-3}},
+                        ptx={"data": "arith", "split": "sft", "batch_size": 4})  # PPO-ptx on the SFT rows
     recipe["cluster"]["reward_model"] = {"actors": 1, "cpus": 0}
     res = posttrain("run", str(write(tmp_path, recipe)))
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "runs" / "t"
     steps = [m for m in _metrics(run, "ppo") if "step_s" in m]
     assert len(steps) == 2 and all(m["value_loss"] > 0 and m["parity/max_abs_diff"] < 1e-4 for m in steps)
+    assert all(0 < m["ptx_nll"] < 2 * math.log(128) for m in steps)  # the ptx term ran on every update
     first = steps[0]
     assert first["clip_frac"] == 0 and first["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # one epoch: ratio 1
     ckpt = run / "ppo" / "checkpoints" / "step-000002"

@@ -6,7 +6,8 @@ Tensors are (B, T) over response tokens with a mask (1 on real tokens). Each sta
 with the paper's recommendation as its default: reward normalisation + clipping against running statistics, a
 token-level KL penalty in the reward, the clipped value loss, the clipped surrogate, GAE with gamma 1 and lambda
 0.95; advantage whitening, the entropy bonus and the pretraining (ptx) term are off, as the paper found them
-secondary or harmful when stacked.
+secondary or harmful when stacked. The ptx term (InstructGPT, arXiv:2203.02155: + gamma E_pretrain[log pi]) is
+ptx_coef x the mean NLL of a supervised batch, added in the learner's rl_step.
 """
 
 from __future__ import annotations

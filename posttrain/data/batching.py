@@ -325,9 +325,9 @@ def deal(items: list, world_size: int, micro_batch_size: int, length) -> list[li
     return [micro[r::world_size] for r in range(world_size)]
 
 
-def deal_even(items: list[RLSample], world: int, gas: int) -> list[list[list[RLSample]]]:
-    """[rank][micro-batch]: length-sorted items in world * gas near-equal micro-batches, dealt round-robin to ranks
-    (every rank runs gas micro-batches; sizes differ by at most one when the count does not divide)."""
-    ordered = sorted(items, key=lambda s: len(s.prompt) + len(s.completion))
+def deal_even(items: list, world: int, gas: int, length=lambda s: len(s.prompt) + len(s.completion)) -> list[list[list]]:
+    """[rank][micro-batch]: items sorted by `length` in world * gas near-equal micro-batches, dealt round-robin to
+    ranks (every rank runs gas micro-batches; sizes differ by at most one when the count does not divide)."""
+    ordered = sorted(items, key=length)
     micro = [list(c) for c in np.array_split(np.arange(len(ordered)), world * gas)]
     return [[[ordered[i] for i in micro[m]] for m in range(r, world * gas, world)] for r in range(world)]

@@ -27,11 +27,12 @@ from posttrain.algorithms.ppo import gae, token_rewards, whiten
 from posttrain.algorithms.rl_objective import RLObjective
 from posttrain.algorithms.running_stats import RunningMoments
 from posttrain.cluster import Demand, gather, round_robin, spawn, stage_phases
-from posttrain.data.batching import RLSample, collate_rl, deal_even, encode_prompt, pad_rows, step_indices
+from posttrain.data.batching import (Example, RLSample, collate, collate_rl, deal_even, encode_prompt, pad_rows,
+                                     step_indices)
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.loops.evaluate import evaluate_policy, sample, sampler_actors, verifier_actors, verify
-from posttrain.loops.supervised import learner_group, save_step
+from posttrain.loops.supervised import encode_sft_split, learner_group, save_step
 from posttrain.models.load import load_tokenizer
 from posttrain.models.weights import WeightSyncError, parity_report, require_parity, require_version
 from posttrain.recipe.schema import PAIR_FORMATS, CriticConfig, MonitorConfig, OnlineRLStage
@@ -94,6 +95,10 @@ def run_online_rl(ctx: StageContext) -> StageResult:
     tok = load_tokenizer(ctx.model_path)
     train = load_problems(ctx, tok, stage.train_split, limit=None)
     held_out = load_problems(ctx, tok, stage.eval_split, limit=stage.eval_problems) if stage.eval_split else None
+    ptx = None
+    if stage.ptx is not None:  # PPO-ptx: the supervised data whose language-model loss joins every policy update
+        p = stage.ptx
+        ptx = encode_sft_split(stage.name, p.data, ctx.recipe.data[p.data], p.split, tok, p.max_length)
     cfg = stage.objective_config()
     objective = RLObjective(stage.kind, **({"ppo": cfg} if stage.kind == "ppo" else {"grpo": cfg}),
                             tis_cap=stage.truncated_is, z_loss_coef=stage.z_loss)
@@ -108,7 +113,7 @@ def run_online_rl(ctx: StageContext) -> StageResult:
         active: set[str] = set()  # monitors over their threshold: warned once per crossing
         bar = progress(total=stage.steps, initial=start, desc=f"{stage.name} {stage.kind}", unit="step")
         for step in range(start, stage.steps):
-            row = _rl_step(ctx, actors, objective, train, step, state, tok.pad_token_id)
+            row = _rl_step(ctx, actors, objective, train, step, state, tok.pad_token_id, ptx)
             done = step + 1
             active = _report_monitors(stage, row, active, done)
             if done % stage.log_every == 0 or done == stage.steps:
@@ -130,7 +135,7 @@ def run_online_rl(ctx: StageContext) -> StageResult:
 
 
 def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: Problems, step: int,
-             state: LoopState, pad_id: int) -> dict[str, float]:
+             state: LoopState, pad_id: int, ptx: list[Example] | None = None) -> dict[str, float]:
     """One RL step, from sampling with weights version `step` to serving version `step + 1`; returns its metrics."""
     stage: OnlineRLStage = ctx.stage
     recipe = ctx.recipe
@@ -151,7 +156,7 @@ def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: P
         gather([s.sleep.remote() for s in actors.samplers])
     row.update(_advantages(stage, actors, samples, rewards[kept], roll, kept, state, pad_id))
     t_adv = time.perf_counter()
-    row.update(_update(stage, objective, actors, samples, pad_id, step))
+    row.update(_update(stage, objective, actors, samples, pad_id, step, ptx, recipe.seed))
     state.bad_in_a_row = state.bad_in_a_row + 1 if row["skipped_updates"] else 0
     t_learn = time.perf_counter()
     if actors.sleep:
@@ -362,8 +367,10 @@ def _fill(actors, samples: list[RLSample], mbs: int, pad_id: int, capacity: int)
 
 
 def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, samples: list[RLSample], pad_id: int,
-            step: int) -> dict[str, float]:
-    """`epochs` passes of `mini_batches` optimizer steps over the rollout; the critic takes the same minibatches."""
+            step: int, ptx: list[Example] | None = None, seed: int = 0) -> dict[str, float]:
+    """`epochs` passes of `mini_batches` optimizer steps over the rollout; the critic takes the same minibatches.
+    With PPO-ptx each optimizer step also takes the next ptx.batch_size supervised sequences (a pure function of
+    the optimizer step, so a resumed run sees the same ones)."""
     learners, critics = actors.learners, actors.critics
     world = len(learners)
     gas = stage.batch_size // (world * stage.micro_batch_size)
@@ -381,9 +388,15 @@ def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, sample
             mb_samples = [samples[i] for i in part]
             batches = [[collate_rl(m, pad_id, _capacity(stage)) for m in rank] for rank in deal_even(mb_samples, world, gas)]
             totals = {"seqs": float(len(mb_samples)), "tokens": float(sum(len(s.completion) for s in mb_samples))}
-            seed = step * 1000 + n_updates
-            refs = [lr.rl_step.remote(seed, batches[r], totals, objective) for r, lr in enumerate(learners)]
-            refs += [c.value_step.remote(seed, batches[r], totals, objective.ppo) for r, c in enumerate(critics)]
+            lm = [None] * world
+            if ptx:
+                update = step * stage.epochs * stage.mini_batches + n_updates  # the optimizer step, over the run
+                rows = [ptx[i] for i in step_indices(len(ptx), stage.ptx.batch_size, update, seed)]
+                lm = [[collate(m, pad_id) for m in rank] for rank in deal_even(rows, world, gas, _example_length)]
+                totals["ptx_tokens"] = float(sum(b.n_target_tokens for rank in lm for b in rank))
+            seed_u = step * 1000 + n_updates
+            refs = [lr.rl_step.remote(seed_u, batches[r], totals, objective, lm[r]) for r, lr in enumerate(learners)]
+            refs += [c.value_step.remote(seed_u, batches[r], totals, objective.ppo) for r, c in enumerate(critics)]
             outs = gather(refs)
             policy, value = outs[:world], outs[world:]
             if not all(o["applied"] for o in outs):
@@ -396,12 +409,19 @@ def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, sample
             last = {"lr": policy[0]["lr"], "grad_norm": policy[0]["grad_norm"],
                     **({"value_grad_norm": value[0]["grad_norm"]} if value else {})}
     tokens = policy_sums.pop("tokens")
+    ptx_nll = policy_sums.pop("ptx_nll_sum", 0.0) / max(1.0, policy_sums.pop("ptx_tokens", 0.0))
     out = {k: (v if k.endswith(("_max", "_min")) else v / tokens) for k, v in policy_sums.items() if k != "loss_sum"}
     out["loss"] = policy_sums["loss_sum"] / (tokens if objective.normaliser == "tokens" else len(samples) * stage.epochs)
+    if ptx:
+        out["ptx_nll"] = ptx_nll  # mean NLL per target token of the supervised batches
     if value_sums:
         out["value_loss"] = value_sums["value_loss_sum"] / value_sums["tokens"]
         out["value_clip_frac"] = value_sums["value_clip_frac"] / value_sums["tokens"]
     return {**out, **last, "skipped_updates": float(skipped), "updates": float(n_updates)}
+
+
+def _example_length(e: Example) -> int:
+    return len(e.input_ids)
 
 
 def _merge(sums: dict[str, float], outs: list[dict[str, float]]) -> None:

@@ -118,17 +118,23 @@ def learner_group(ctx: StageContext, model_path: str, plan, ckpt_root: Path, res
 
 def _encode_split(ctx: StageContext, split: str, tok) -> list:
     stage = ctx.stage
-    rows = load_split(stage.data, ctx.recipe.data[stage.data], split)
+    return encode_sft_split(stage.name, stage.data, ctx.recipe.data[stage.data], split, tok, stage.max_length)
+
+
+def encode_sft_split(stage: str, data: str, cfg, split: str, tok, max_length: int) -> list[Example]:
+    """A prompt/completion split tokenised for a language-model loss on the completions (SFT, PPO-ptx)."""
+    rows = load_split(data, cfg, split)
     if len(rows) == 0:
-        raise PosttrainError(f"stage {stage.name!r}: data {stage.data}:{split} is empty")
+        raise PosttrainError(f"stage {stage!r}: data {data}:{split} is empty")
     if "completion" not in rows.column_names or any(c is None for c in rows["completion"]):
-        raise PosttrainError(f"stage {stage.name!r}: data {stage.data}:{split} has rows without a completion; "
-                             "SFT needs prompt/completion pairs (or messages ending with an assistant turn)")
-    encoded = [encode_example(tok, row, stage.max_length) for row in rows]
+        raise PosttrainError(f"stage {stage!r}: data {data}:{split} has rows without a completion; "
+                             "a language-model loss needs prompt/completion pairs (or messages ending with an "
+                             "assistant turn)")
+    encoded = [encode_example(tok, row, max_length) for row in rows]
     truncated = sum(t for _, t in encoded)
     if truncated:
         log.warning("stage %s: %d of %d rows of %s:%s were truncated to max_length=%d",
-                    stage.name, truncated, len(encoded), stage.data, split, stage.max_length)
+                    stage, truncated, len(encoded), data, split, max_length)
     return [e for e, _ in encoded]
 
 

@@ -630,6 +630,20 @@ class WeightSyncConfig:
 
 
 @dataclass
+class PtxConfig:
+    """PPO-ptx (InstructGPT): the language-model loss on a supervised data set, mixed into every policy update with
+    weight ppo.ptx_coef, against the alignment tax (the RL policy forgetting what it was trained on before)."""
+
+    data: str  # a prompt/completion (or messages) data set under `data:`; the loss covers completion tokens
+    split: str = "train"
+    batch_size: int = 16  # sequences of it per optimizer step, across all learners
+    max_length: int = 256  # longer sequences are truncated (counted and logged)
+
+    def problems(self) -> Problems:
+        return [(k, "must be >= 1") for k in ("batch_size", "max_length") if getattr(self, k) < 1]
+
+
+@dataclass
 class OnlineRLStage:
     """Online RL: PPO (critic, GAE, PPO-max stabilisers) or the critic-free GRPO / RLOO, with verifier or
     reward-model rewards. Each step: sample -> reward -> reference log-probs -> advantages -> updates -> weight push."""
@@ -654,6 +668,7 @@ class OnlineRLStage:
     grpo: GRPOConfig | None = None  # grpo / rloo knobs (default GRPOConfig())
     ppo: PPOConfig | None = None  # ppo knobs (default PPOConfig(): the PPO-max settings)
     critic: CriticConfig | None = None  # ppo only (default CriticConfig())
+    ptx: PtxConfig | None = None  # ppo only: the data of the PPO-ptx term (its weight is ppo.ptx_coef)
     truncated_is: float | None = None  # cap C of truncated importance sampling between learner and sampler; null: off
     z_loss: float = 0.0  # coefficient of mean (log Z)^2 on the output logits (PaLM's z-loss); 0: measured only
     monitors: MonitorConfig = field(default_factory=MonitorConfig)
@@ -690,9 +705,14 @@ class OnlineRLStage:
             out.append(("ppo" if self.ppo is not None else "critic", f"applies to kind ppo, not {self.kind}"))
         if self.kind == "ppo" and self.grpo is not None:
             out.append(("grpo", "applies to kinds grpo and rloo, not ppo (PPO's knobs go under `ppo`)"))
-        if self.ppo is not None and self.ppo.ptx_coef:
-            out.append(("ppo.ptx_coef", "PPO-ptx needs a pretraining data stream, which this stage does not take yet: "
-                                        "leave it 0 (the PPO-max default)"))
+        ptx_coef = self.ppo.ptx_coef if self.ppo is not None else 0.0
+        if ptx_coef and self.ptx is None:
+            out.append(("ppo.ptx_coef", "PPO-ptx mixes in the language-model loss of a supervised data set: name it "
+                                        "under `ptx: {data: NAME, split: train}` (or leave ptx_coef 0, the default)"))
+        if self.ptx is not None and self.kind != "ppo":
+            out.append(("ptx", f"PPO-ptx applies to kind ppo, not {self.kind}"))
+        elif self.ptx is not None and not ptx_coef:
+            out.append(("ptx", "set ppo.ptx_coef > 0 (the weight of this loss), or drop `ptx`"))
         if self.truncated_is is not None and self.truncated_is < 1:
             out.append(("truncated_is", "the cap C must be >= 1 (typical: 2)"))
         if self.z_loss < 0:
@@ -894,6 +914,19 @@ class Recipe:
         if kl and self.cluster.learner.zero_stage == 3:
             out.append((stage.kind, "the KL term needs the reference policy, a full frozen copy on each learner, which "
                                     "ZeRO-3 would not partition: use zero_stage <= 2 or set the KL weight to 0"))
+        ptx = stage.ptx
+        if ptx is not None:
+            gas = stage.batch_size // per_step
+            data = self.data.get(ptx.data)
+            if data is None:
+                out.append(("ptx.data", f"unknown dataset {ptx.data!r} (defined under data: "
+                                        f"{', '.join(sorted(self.data)) or 'none'})"))
+            elif data.format in PAIR_FORMATS or data.task == "kv_recall":
+                out.append(("ptx.data", f"data.{ptx.data} must hold prompt/completion rows (the language-model loss "
+                                        "covers the completions), not preference pairs or token-id documents"))
+            if 1 <= ptx.batch_size < self.cluster.learner.actors * gas:
+                out.append(("ptx.batch_size", f"the {self.cluster.learner.actors * gas} micro-batches of an "
+                                              f"update take a share each: at least {self.cluster.learner.actors * gas}"))
         critic = stage.critic.model if stage.critic else None
         if critic and critic.startswith("@") and critic[1:] not in {s.name for s in self.stages[:i]}:
             out.append(("critic.model", f"{critic!r} must name an earlier stage"))

@@ -254,13 +254,17 @@ class LearnerWorker:
             out.append(res)
         return out
 
-    def rl_step(self, step: int, batches: list[RLBatch], totals: dict[str, float], objective) -> dict[str, float]:
+    def rl_step(self, step: int, batches: list[RLBatch], totals: dict[str, float], objective,
+                ptx: list[TokenBatch] | None = None) -> dict[str, float]:
         """One optimizer step of the RL objective (algorithms/rl_objective.py) over this rank's micro-batches.
 
         Samples without old_logps are on-policy (one update per rollout): this forward is the old policy. Without
         ref_logps the reference (if held) scores the batch here. totals: the minibatch's sequence and token counts
         over all ranks, for the loss normalisation. A non-finite loss or gradient skips the step (DeepSpeed's ZeRO
         optimizer, or the torch engine, drops it): `applied` is 0 then.
+
+        ptx (PPO-ptx): one supervised micro-batch per RL micro-batch; ppo.ptx_coef x their mean NLL over all ranks
+        (totals["ptx_tokens"] target tokens) joins the loss, so the update is grad(RL loss) + coef grad(mean NLL).
         """
         from posttrain.algorithms.ppo import entropy_from_logits
         from posttrain.algorithms.rl_objective import rl_loss
@@ -270,8 +274,9 @@ class LearnerWorker:
         torch.manual_seed(self.spec.seed * 1_000_003 + step * 4099 + self.rank)
         self.engine.train()
         scale = self.world_size * len(batches) / max(1.0, totals[objective.normaliser])
+        ptx_scale = objective.ppo.ptx_coef * self.world_size * len(batches) / max(1.0, totals.get("ptx_tokens", 0.0))
         sums: dict[str, float] = {}
-        for mb in batches:
+        for mb, lm in zip(batches, ptx or [None] * len(batches)):
             flat, logits = self._token_logps(mb.tokens)  # (K,), (K, V)
             f = {k: mb.padded(v.to(self.device))[0] for k, v in mb.fields.items()}
             logp, mask = mb.padded(flat)
@@ -286,7 +291,14 @@ class LearnerWorker:
                     ref = mb.padded(self._token_logps(mb.tokens, self.reference)[0])[0]
             loss, metrics = rl_loss(objective, logp, mask, old, f["sampler_logps"], f["advantages"], ref,
                                     mb.padded(entropy)[0], mb.padded(log_z)[0])
-            self.engine.backward(loss * scale)
+            total = loss * scale
+            if lm is not None:
+                out = self.engine(input_ids=lm.input_ids.to(self.device), attention_mask=lm.attention_mask.to(self.device))
+                nll, n_lm = completion_nll(out.logits, lm.input_ids.to(self.device), lm.loss_mask.to(self.device))
+                total = total + nll * ptx_scale
+                sums["ptx_nll_sum"] = sums.get("ptx_nll_sum", 0.0) + nll.item()
+                sums["ptx_tokens"] = sums.get("ptx_tokens", 0.0) + n_lm.item()
+            self.engine.backward(total)
             self.engine.step()
             n = float(mb.n_tokens)
             sums["loss_sum"] = sums.get("loss_sum", 0.0) + loss.item()
