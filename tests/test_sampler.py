@@ -1,4 +1,5 @@
-"""SamplerWorker (HF generate backend): per-token log-probs, padding, n samples, versions."""
+"""SamplerWorker (hf backend, both decoders: the lean loop and transformers' generate): per-token log-probs,
+padding, n samples, versions."""
 
 import pytest
 import torch
@@ -8,9 +9,11 @@ from posttrain.recipe.schema import SamplingConfig
 from posttrain.workers.sampler import SamplerWorker, greedy
 
 
-@pytest.fixture(scope="module")
-def sampler(tiny_model):
-    return SamplerWorker(str(tiny_model), threads=1, version=7)
+@pytest.fixture(scope="module", params=["auto", "generate"])
+def sampler(tiny_model, request):
+    worker = SamplerWorker(str(tiny_model), threads=1, version=7, decode=request.param)
+    assert (worker.decoder is not None) == (request.param == "auto")  # the tiny model is a Llama
+    return worker
 
 
 def _prompts(tok, texts):

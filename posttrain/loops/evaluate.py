@@ -56,9 +56,9 @@ def sampler_actors(recipe: Recipe, model_path: str, demand: Demand | None = None
     `demand`: what each reserves (default: cluster.sampler's own share); sleep_mode: vLLM engines that can free
     their GPU memory while colocated learners train."""
     scfg = recipe.cluster.sampler
-    vllm_args = (scfg.gpu_memory_utilization, "merged", sleep_mode) if scfg.backend == "vllm" else ()
+    extra = (scfg.gpu_memory_utilization, "merged", sleep_mode) if scfg.backend == "vllm" else (scfg.decode,)
     return spawn(SAMPLER_BACKENDS[scfg.backend], demand or Demand("sampler", scfg.actors, scfg.cpus, scfg.gpus),
-                 [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)), version) + vllm_args] * scfg.actors)
+                 [(model_path, recipe.model.dtype, max(1, int(scfg.cpus)), version) + extra] * scfg.actors)
 
 
 def verifier_actors(recipe: Recipe, verifier: str):

@@ -142,6 +142,9 @@ class SamplerConfig:
     gpus: float = 0.0
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: int = 512  # prompts per generate call; large batches amortise per-token overhead
+    # hf: "auto" decodes Llama-family models (llama, mistral, qwen2) with posttrain's lean loop (preallocated KV
+    # cache, fused projections, finished rows dropped) and others with transformers' generate; "generate": always that
+    decode: Literal["auto", "generate"] = "auto"
     # vllm: the fraction of the whole GPU's memory each engine takes (weights, then KV cache in the rest); lower it
     # when roles are colocated on the GPU.
     gpu_memory_utilization: float = 0.85

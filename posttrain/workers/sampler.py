@@ -1,7 +1,8 @@
 """SamplerWorker: generate completions with the current policy weights.
 
-Backends: `hf` (transformers `generate`, CPU or GPU) here; `vllm` (GPU) in vllm_sampler.py, which imports vLLM
-only when its engine starts. Every rollout records the weights version it was sampled with, and its per-token
+Backends: `hf` (transformers models, CPU or GPU) here; `vllm` (GPU) in vllm_sampler.py, which imports vLLM
+only when its engine starts. The hf backend decodes Llama-family models with posttrain's lean loop
+(models/decode.py) and anything else with transformers' `generate` (`cluster.sampler.decode`). Every rollout records the weights version it was sampled with, and its per-token
 log-probabilities under the *unmodified* model distribution (before temperature/top-k/top-p), the
 quantity learners recompute, so the two can be compared.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.models.weights import WeightSyncError
@@ -36,18 +38,24 @@ def greedy(max_new_tokens: int) -> SamplingConfig:
 
 
 class SamplerWorker:
-    def __init__(self, model_path: str, dtype: str = "float32", threads: int = 1, version: int = 0):
+    def __init__(self, model_path: str, dtype: str = "float32", threads: int = 1, version: int = 0,
+                 decode: str = "auto"):
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype
+        self.dtype, self.decode = dtype, decode
         self.load_weights(model_path, version)
 
     def load_weights(self, model_path: str, version: int) -> int:
         """(Re)load policy weights from a checkpoint directory; returns the version now served."""
         from posttrain.models.load import load_causal_lm, load_tokenizer
 
+        from posttrain.models.decode import LeanDecoder, unsupported_reason
+
         self.model = load_causal_lm(model_path, self.dtype, lora=None, trainable=False).to(self.device)
         self.tokenizer = load_tokenizer(model_path, padding_side="left")
+        self.decoder = None  # None: transformers' generate
+        if self.decode == "auto" and unsupported_reason(self.model) is None:
+            self.decoder = LeanDecoder(self.model)
         self.version = version
         return version
 
@@ -58,6 +66,8 @@ class SamplerWorker:
         if unexpected or (missing := _untied(self.model, missing, state)):
             raise WeightSyncError(f"weights version {version} does not fit the sampler's model: missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]} (is the learner training another architecture?)")
+        if self.decoder is not None:
+            self.decoder.refresh()  # its fused projections are copies
         self.version = version
         return version
 
@@ -71,8 +81,9 @@ class SamplerWorker:
     def probe(self, prompt: list[int], completion: list[int]) -> tuple[int, list[float]]:
         """(version served, log p of each completion token given what precedes it): the parity probe."""
         ids = torch.tensor([prompt + completion], device=self.device)
-        logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()  # (len(completion), V)
-        return self.version, target_logprobs(logits, ids[0, len(prompt) :]).tolist()
+        # the forward that samples scores the probe: the lean loop's when it decodes
+        logits = self.decoder.score(prompt + completion) if self.decoder is not None else self.model(input_ids=ids).logits[0]
+        return self.version, target_logprobs(logits[len(prompt) - 1 : -1].float(), ids[0, len(prompt) :]).tolist()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, params: SamplingConfig, batch_size: int,
@@ -96,6 +107,9 @@ class SamplerWorker:
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingConfig):
         tok = self.tokenizer
+        if self.decoder is not None:
+            return self.decoder.generate(prompts, params.max_new_tokens, params.temperature, params.top_k,
+                                         params.top_p, tok.eos_token_id)
         T = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), T), tok.pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
@@ -103,13 +117,14 @@ class SamplerWorker:
             input_ids[i, T - len(p) :] = torch.tensor(p)
             attention[i, T - len(p) :] = 1
         do_sample = params.temperature > 0
-        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None) if do_sample else {}
-        gen = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-            max_new_tokens=params.max_new_tokens, do_sample=do_sample, **sampling,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            output_logits=True, return_dict_in_generate=True,
-        )
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) if do_sample else {}
+        # a config of its own: the model's generation_config (a checkpoint's top_k, repetition penalty ...) must not
+        # change what the recipe asked for
+        config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=do_sample, **sampling,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                  output_logits=True, return_dict_in_generate=True)
+        gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                  generation_config=config)
         new = gen.sequences[:, T:].cpu()  # (B, L)
         logits = torch.stack(gen.logits, dim=1).float().cpu()  # (B, L, V): raw, before any warper
         lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (B, L)

@@ -1,0 +1,231 @@
+"""A lean batched decode loop for Llama-family causal LMs: the HF sampler's fast path.
+
+`generate` spends most of its time on a small model in per-step bookkeeping (cache objects growing by concatenation,
+mask rebuilding, logits processors), not in the matmuls. This loop runs the same network from the model's own
+parameters with a preallocated KV cache written in place, q/k/v and gate/up projections fused into one matmul each,
+a rotary table computed once, and finished rows dropped from the batch; the rest is the model's arithmetic, op for
+op (RMSNorm in float32, rotary, scaled dot-product attention, SwiGLU). Its log-probs match a teacher-forced HF
+forward to float rounding; the tests check that and greedy equality with `generate`.
+
+Sampling follows HF's warpers and their order (temperature, then top-k, then top-p) and records each token's
+log-prob under the unmodified distribution, as the sampler contract requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why this loop cannot run `model` exactly (None: it can). Anything else falls back to HF generate."""
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED:
+        return f"model_type {cfg.model_type!r} (supported: {', '.join(SUPPORTED)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()) or (
+            getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)):
+        return "sliding-window attention"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if "dynamic" in str(rope.get("rope_type", rope.get("type", "default"))):
+        return "dynamic rotary scaling (its frequencies depend on the sequence length)"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    return None
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    qkv: torch.Tensor  # (H*D + 2*Hkv*D, hidden): q_proj, k_proj, v_proj stacked
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    ln2: torch.Tensor
+    gate_up: torch.Tensor  # (2*I, hidden): gate_proj, up_proj stacked
+    down: torch.Tensor
+
+
+class LeanDecoder:
+    """Batched sampling and scoring with `model`'s current weights; call `refresh()` after they change."""
+
+    def __init__(self, model):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the lean decode loop does not run this model: {reason}")
+        cfg = model.config
+        self.model = model
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scaling = self.head_dim**-0.5
+        self.eps = cfg.rms_norm_eps
+        self.max_positions = cfg.max_position_embeddings
+        self._rope = None
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-read the weights (fused copies of q/k/v and gate/up; the others are the parameters themselves)."""
+        body = self.model.model
+        self.embed = body.embed_tokens.weight
+        self.norm = body.norm.weight
+        self.lm_head = self.model.lm_head.weight
+        self.layers = []
+        for layer in body.layers:
+            a, m = layer.self_attn, layer.mlp
+            bias = None
+            if a.q_proj.bias is not None:
+                bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            self.layers.append(_Layer(
+                layer.input_layernorm.weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
+                a.o_proj.weight, layer.post_attention_layernorm.weight,
+                torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight))
+
+    def _rotary(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (n, D) for positions 0..n-1, from the model's own rotary module (any static rope type)."""
+        if self._rope is None or self._rope[0].shape[0] < n:
+            n = max(n, self.max_positions)
+            pos = torch.arange(n, device=self.embed.device)[None]
+            cos, sin = self.model.model.rotary_emb(self.embed[:1], pos)
+            self._rope = (cos[0], sin[0])
+        return self._rope
+
+    # ------------------------------------------------------------------ the network
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, start: int,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T, hidden) after the final norm, for tokens `ids` (B, T) at rotary positions `pos`,
+        written to cache[:, :, :, :, start:start+T]; they attend to cache slots [0, start+T) under `mask`."""
+        B, T = ids.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        end = start + T
+        cos_t, sin_t = self._rotary(int(pos.max()) + 1)
+        cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # (B, 1, T, D)
+        x = F.embedding(ids, self.embed)
+        for i, w in enumerate(self.layers):
+            h = _rms_norm(x, w.ln1, self.eps)
+            q, k, v = F.linear(h, w.qkv, w.qkv_bias).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = _rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+            cache[i, 0, :, :, start:end] = _rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+            cache[i, 1, :, :, start:end] = v.view(B, T, Hkv, D).transpose(1, 2)
+            o = _attend(q, cache[i, 0, :, :, :end], cache[i, 1, :, :, :end], mask, self.scaling)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), w.o)
+            gate, up = F.linear(_rms_norm(x, w.ln2, self.eps), w.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down)
+        return _rms_norm(x, self.norm, self.eps)
+
+    def _cache(self, batch: int, length: int) -> torch.Tensor:
+        return self.embed.new_empty((len(self.layers), 2, batch, self.n_kv, length, self.head_dim))
+
+    @torch.no_grad()
+    def score(self, ids: list[int]) -> torch.Tensor:
+        """Logits (len(ids), V) of a single sequence (teacher-forced): the parity probe's forward."""
+        t = torch.tensor([ids], device=self.embed.device)
+        causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=t.device).tril()
+        hidden = self._forward(t, torch.arange(len(ids), device=t.device)[None], self._cache(1, len(ids)), 0, causal)
+        return F.linear(hidden[0], self.lm_head)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                 eos_id: int, generator: torch.Generator | None = None):
+        """Complete each prompt (token ids). Returns per row: new tokens (up to and including eos), their
+        log-probs under the raw model distribution, and whether eos ended it. temperature 0: greedy."""
+        dev = self.embed.device
+        B, Tp = len(prompts), max(len(p) for p in prompts)
+        S = Tp + max_new_tokens
+        ids = torch.zeros((B, Tp), dtype=torch.long)
+        valid = torch.zeros((B, S), dtype=torch.bool)  # which cache slots hold real tokens
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at slot Tp-1
+            ids[i, Tp - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, Tp - len(p):Tp] = True
+        ids, valid = ids.to(dev), valid.to(dev)
+        pos = (valid[:, :Tp].long().cumsum(-1) - 1).clamp(min=0)
+        # a pad query attends to itself only (its output is never read): no fully masked row for SDPA
+        causal = torch.ones(Tp, Tp, dtype=torch.bool, device=dev).tril()
+        mask = (causal & valid[:, None, None, :Tp]) | torch.eye(Tp, dtype=torch.bool, device=dev)
+        cache = self._cache(B, S)
+        logits = F.linear(self._forward(ids, pos, cache, 0, mask)[:, -1], self.lm_head).float()
+        next_pos = pos[:, -1] + 1
+        rows = torch.arange(B, device=dev)  # original row of each row in the batch
+        live = torch.ones(B, dtype=torch.bool, device=dev)  # not finished (finished rows stay until dropped)
+        out_ids = torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)
+        out_lp = torch.zeros((B, max_new_tokens), device=dev)
+        length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_new_tokens):
+            token = _choose(logits, temperature, top_k, top_p, generator)
+            out_ids[rows, t] = token  # past a row's end these are never read
+            out_lp[rows, t] = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
+            ended = live & (token == eos_id)
+            length[rows[ended]] = t + 1
+            finished[rows[ended]] = True
+            live &= ~ended
+            if t + 1 == max_new_tokens or not bool(live.any()):
+                break
+            if int((~live).sum()) * 4 >= len(live):  # drop finished rows once they are a quarter of the batch
+                keep = live.nonzero()[:, 0]
+                rows, token, next_pos, valid, live, cache = rows[keep], token[keep], next_pos[keep], valid[keep], \
+                    live[keep], cache[:, :, keep]
+            slot = Tp + t
+            valid[:, slot] = True
+            hidden = self._forward(token[:, None], next_pos[:, None], cache, slot, valid[:, None, None, : slot + 1])
+            logits = F.linear(hidden[:, -1], self.lm_head).float()
+            next_pos = next_pos + 1
+        ids_out, lps_out = out_ids.cpu().tolist(), out_lp.cpu().tolist()
+        lengths, done_out = length.cpu().tolist(), finished.cpu().tolist()
+        return ([r[:n] for r, n in zip(ids_out, lengths)], [r[:n] for r, n in zip(lps_out, lengths)], done_out)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D) under a boolean mask broadcastable to (B, 1, T, S).
+
+    One query per row (decoding): two small batched matmuls with the softmax in float32 (as HF's eager attention),
+    several times cheaper here than a fused kernel built for long sequences. Longer queries (the prompt): SDPA."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if T > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+    q = q.view(B, Hkv, H // Hkv, D)  # the query heads that share each key/value head
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hkv, G, S)
+    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, 1, D)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: normalised in float32, scaled in the model's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """HF's sampling warpers in HF's order: temperature, top-k (0: off), top-p (1: off); removed tokens get -inf."""
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        remove[..., -1:] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return scores
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+            generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = warp(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
