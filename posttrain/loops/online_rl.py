@@ -306,7 +306,7 @@ def _advantages(stage: OnlineRLStage, actors: Actors, samples: list[RLSample], r
     if not samples:  # every reward unusable or every completion empty: nothing to learn from this step
         return {}
     if stage.kind == "ppo" or stage.epochs * stage.mini_batches > 1:
-        _fill(actors.learners, samples, stage.micro_batch_size, pad_id, _capacity(stage))
+        _fill(actors.learners, samples, stage.micro_batch_size, pad_id)
     if stage.kind != "ppo":
         n = len(roll.text)
         full = torch.full((n,), math.nan)
@@ -325,7 +325,7 @@ def _advantages(stage: OnlineRLStage, actors: Actors, samples: list[RLSample], r
 
 def _ppo_advantages(stage, critics, samples, scores, state: LoopState, pad_id: int) -> dict[str, float]:
     cfg = stage.objective_config()
-    _fill(critics, samples, stage.micro_batch_size, pad_id, _capacity(stage))
+    _fill(critics, samples, stage.micro_batch_size, pad_id)
     logp, mask = pad_rows([s.old_logps for s in samples])
     ref = pad_rows([s.ref_logps for s in samples])[0] if cfg.kl_coef else logp
     values = pad_rows([s.old_values for s in samples])[0]
@@ -346,16 +346,17 @@ def _ppo_advantages(stage, critics, samples, scores, state: LoopState, pad_id: i
             "return_mean": returns[m].mean().item(), "advantage_abs_mean": adv[m].abs().mean().item()}
 
 
-def _capacity(stage: OnlineRLStage) -> int:
-    """Packed row length: any prompt that was kept plus the longest completion fits one row."""
-    return stage.max_prompt_length + stage.sampling.max_new_tokens
+def _packed(samples: list[RLSample], pad_id: int):
+    """A micro-batch for the learners: packed into rows as long as its longest sequence, so no row's attention spans
+    more than that (longer rows cost more in attention than their padding saved, measured on CPU)."""
+    return collate_rl(samples, pad_id, max(len(s.prompt) + len(s.completion) for s in samples))
 
 
-def _fill(actors, samples: list[RLSample], mbs: int, pad_id: int, capacity: int) -> None:
+def _fill(actors, samples: list[RLSample], mbs: int, pad_id: int) -> None:
     """The actors' per-token scores of every sample before any update (rollout_logps), written onto the samples."""
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt) + len(samples[i].completion))
     micro = [order[i : i + mbs] for i in range(0, len(order), mbs)]
-    outs = round_robin(actors, "rollout_logps", [collate_rl([samples[i] for i in mb], pad_id, capacity) for mb in micro],
+    outs = round_robin(actors, "rollout_logps", [_packed([samples[i] for i in mb], pad_id) for mb in micro],
                        lockstep=True)
     for mb, out in zip(micro, outs):
         for name, per_seq in out.items():
@@ -386,7 +387,7 @@ def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, sample
         order = rng.permutation(len(samples)) if stage.mini_batches > 1 else np.arange(len(samples))
         for part in np.array_split(order, stage.mini_batches):
             mb_samples = [samples[i] for i in part]
-            batches = [[collate_rl(m, pad_id, _capacity(stage)) for m in rank] for rank in deal_even(mb_samples, world, gas)]
+            batches = [[_packed(m, pad_id) for m in rank] for rank in deal_even(mb_samples, world, gas)]
             totals = {"seqs": float(len(mb_samples)), "tokens": float(sum(len(s.completion) for s in mb_samples))}
             lm = [None] * world
             if ptx:
