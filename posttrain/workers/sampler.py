@@ -2,9 +2,9 @@
 
 Backends: `hf` (transformers models, CPU or GPU) here; `vllm` (GPU) in vllm_sampler.py, which imports vLLM
 only when its engine starts. The hf backend decodes Llama-family models with posttrain's lean loop
-(models/decode.py) and anything else with transformers' `generate` (`cluster.sampler.decode`). Every rollout records the weights version it was sampled with, and its per-token
-log-probabilities under the *unmodified* model distribution (before temperature/top-k/top-p), the
-quantity learners recompute, so the two can be compared.
+(models/decode.py) and anything else with transformers' `generate` (`cluster.sampler.decode`). Every rollout
+records the weights version it was sampled with, and its per-token log-probabilities under the *unmodified* model
+distribution (before temperature/top-k/top-p), the quantity learners recompute, so the two can be compared.
 """
 
 from __future__ import annotations
@@ -47,9 +47,8 @@ class SamplerWorker:
 
     def load_weights(self, model_path: str, version: int) -> int:
         """(Re)load policy weights from a checkpoint directory; returns the version now served."""
-        from posttrain.models.load import load_causal_lm, load_tokenizer
-
         from posttrain.models.decode import LeanDecoder, unsupported_reason
+        from posttrain.models.load import load_causal_lm, load_tokenizer
 
         self.model = load_causal_lm(model_path, self.dtype, lora=None, trainable=False).to(self.device)
         self.tokenizer = load_tokenizer(model_path, padding_side="left")
@@ -82,7 +81,10 @@ class SamplerWorker:
         """(version served, log p of each completion token given what precedes it): the parity probe."""
         ids = torch.tensor([prompt + completion], device=self.device)
         # the forward that samples scores the probe: the lean loop's when it decodes
-        logits = self.decoder.score(prompt + completion) if self.decoder is not None else self.model(input_ids=ids).logits[0]
+        if self.decoder is not None:
+            logits = self.decoder.score(prompt + completion)
+        else:
+            logits = self.model(input_ids=ids).logits[0]
         return self.version, target_logprobs(logits[len(prompt) - 1 : -1].float(), ids[0, len(prompt) :]).tolist()
 
     @torch.no_grad()
