@@ -97,6 +97,8 @@ def test_ints_become_floats_and_exponents_parse(tmp_path: Path) -> None:
         ("seed: 1", "seed: 1\nseed: 2", "seed", 3, "duplicate key 'seed' (first given on line 2)"),
         ("name: demo\n", "", "name", 1, "missing required key 'name'"),
         ("stages:", "cluster: {verifier: {workers: 0}}\nstages:", "cluster.verifier.workers", 6, "must be >= 1"),
+        ("stages:", "cluster: {sampler: {backend: vllm, gpus: 1, decode: generate}}\nstages:", "cluster.sampler.decode",
+         6, "vLLM decodes with its own engine"),
     ],
 )
 def test_malformed_recipe(tmp_path: Path, old: str, new: str, field: str, line: int, phrase: str) -> None:

@@ -155,6 +155,8 @@ class SamplerConfig:
             out.append(("actors", "must be >= 1"))
         if self.backend == "vllm" and self.gpus <= 0:
             out.append(("gpus", "the vllm backend needs gpus > 0 per sampler actor"))
+        if self.backend == "vllm" and self.decode != "auto":
+            out.append(("decode", "chooses how the hf backend decodes; vLLM decodes with its own engine: remove it"))
         if self.batch_size < 1:
             out.append(("batch_size", "must be >= 1"))
         if not 0 < self.gpu_memory_utilization <= 1:
