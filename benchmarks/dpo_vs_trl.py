@@ -203,7 +203,7 @@ def run_posttrain(job: dict) -> dict:
                      "ref_logps_rejected": statistics.fmean(p.ref_rejected for p in chunk)}
         tokens += sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in chunk)
         positions += sum(mb.tokens.input_ids.numel() for mb in shards[0])
-        head += sum(int(mb.tokens.logits_mask.sum()) for mb in shards[0])
+        head += sum(int(mb.tokens.logits_to_keep.sum()) for mb in shards[0])
     cpu_s = time.process_time() - cpu0
     parts["other"] = sum(step_s) - sum(parts.values())
     return {"name": f"posttrain {'packed' if job['packed'] else 'padded'}", "tokens": tokens, "step_s": step_s,

@@ -38,7 +38,7 @@ def test_pair_batches_put_chosen_first_and_keep_reference_order():
     assert b.tokens.input_ids[:, :2].tolist() == [[1, 2], [6, 7], [1, 2], [6, 8]]
     assert b.ref_logps.tolist() == [-1.0, -3.0, -2.0, -4.0]
     # rejected of pair 0 ([1, 2 | 4, 5]): positions 1 and 2 predict its completion tokens 4 and 5
-    assert b.tokens.logits_mask[2].tolist() == [False, True, True, False, False]
+    assert b.tokens.logits_to_keep[2].tolist() == [False, True, True, False, False]
     assert b.tokens.target_ids.tolist() == [3, 7, 4, 5, 8, 9, 9, 9] and b.tokens.target_seq.tolist() == [0, 1, 2, 2, 3, 3, 3, 3]
     shards = shard_pairs(pairs * 2, world_size=2, micro_batch_size=1, pad_id=0)
     assert [len(r) for r in shards] == [2, 2] and all(mb.n_pairs == 1 for r in shards for mb in r)
@@ -67,7 +67,7 @@ def test_packing_lays_sequences_end_to_end_first_fit_decreasing():
     # by length 5, 4, 3, 2: [5-token | 2-token] fills row 0; the 4-token starts row 1 and the 3-token joins it
     assert b.input_ids.tolist() == [[4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 1, 2, 3]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
-    assert b.logits_mask.tolist() == [[1, 1, 1, 1, 0, 1, 0], [0, 0, 1, 0, 0, 1, 0]]
+    assert b.logits_to_keep.tolist() == [[1, 1, 1, 1, 0, 1, 0], [0, 0, 1, 0, 0, 1, 0]]
     assert b.target_ids.tolist() == [5, 6, 7, 8, 10, 14, 3] and b.target_seq.tolist() == [1, 1, 1, 1, 2, 3, 0]
     tail = pack(seqs[:2], pad_id=0, capacity=7)  # rows are as long as the fullest: row 1 ends in a pad segment
     assert tail.input_ids.tolist() == [[4, 5, 6, 7, 8], [1, 2, 3, 0, 0]]

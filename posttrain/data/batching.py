@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from posttrain.models.shared_prefix import PrefixSegments, build_segments
+
 
 @dataclass
 class Example:
@@ -145,16 +147,32 @@ class PackedBatch:
 
     position_ids restart at 0 at every sequence: Hugging Face models read that (with no attention mask)
     as a block-diagonal causal mask, so a sequence attends only to itself, exactly as if it were alone.
-    Only the positions that predict a completion token reach the vocabulary projection (`logits_mask`).
-    Crosses Ray as one object.
+    Only the positions that predict a completion token reach the vocabulary projection (`logits_to_keep`).
+
+    With `segments` (pack_shared_prefix), R = 1 and sequences with the same prompt share one copy of it; attention
+    then needs models/shared_prefix.py. Crosses Ray as one object.
     """
 
     input_ids: torch.Tensor  # (R, T) long; a row's unused tail is pad tokens, a segment of its own
     position_ids: torch.Tensor  # (R, T) long
-    logits_mask: torch.Tensor  # (R, T) bool: position t predicts a completion token at t+1
-    target_ids: torch.Tensor  # (K,) long: the predicted tokens, in logits_mask's row-major order
+    logits_to_keep: torch.Tensor  # (R, T) bool: t predicts a completion token; or (K,) long row positions
+    target_ids: torch.Tensor  # (K,) long: the predicted tokens, in logits_to_keep's (row-major) order
     target_seq: torch.Tensor  # (K,) long: which sequence (index into the packed list) each target belongs to
     n_seqs: int
+    segments: PrefixSegments | None = None
+
+    def model_inputs(self, device) -> dict[str, Any]:
+        """The model's keyword arguments; its logits come out (K, V) after flatten(0, -2)."""
+        kw = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
+              "logits_to_keep": self.logits_to_keep.to(device), "use_cache": False}
+        if self.segments is not None:
+            kw["prefix_segments"] = self.segments.to(device)
+        return kw
+
+    def kept(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(R, T, ...) per-position outputs -> (K, ...) at the positions that predict the targets."""
+        keep = self.logits_to_keep.to(hidden.device)
+        return hidden[keep] if keep.dtype == torch.bool else hidden[0, keep]
 
 
 def pack(examples: list[Example], pad_id: int, capacity: int | None) -> PackedBatch:
@@ -199,6 +217,44 @@ def pack(examples: list[Example], pad_id: int, capacity: int | None) -> PackedBa
     shifted = torch.full_like(ids, pad_id)
     shifted[:, :-1] = ids[:, 1:]
     return PackedBatch(ids, pos, keep, shifted[keep], seq[keep], len(examples))
+
+
+def pack_shared_prefix(examples: list[Example]) -> PackedBatch:
+    """All sequences in one row with no padding, each distinct prompt laid out once (models/shared_prefix.py).
+
+    A prompt's copy is followed by the completions of every sequence with that prompt; a completion's positions
+    continue from its prompt's. The first completion token of each is predicted by the last prompt position,
+    shared by the group. Sequence i keeps index i in target_seq. An empty prompt counts the first token as it.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    copies: dict[tuple[int, ...], list[int]] = {}  # prompt -> its row positions
+    queries: list[list[int]] = []
+    keys: list[list[int]] = []
+    keep: list[int] = []
+    targets: list[int] = []
+    seq: list[int] = []
+    for i, e in enumerate(examples):
+        n_prompt = max(e.n_prompt, 1)
+        prompt, completion = tuple(e.input_ids[:n_prompt]), e.input_ids[n_prompt:]
+        owned = []
+        if prompt not in copies:  # the first sequence of a prompt owns its queries
+            copies[prompt] = owned = list(range(len(ids), len(ids) + n_prompt))
+            ids += prompt
+            pos += range(n_prompt)
+        own = list(range(len(ids), len(ids) + len(completion)))
+        ids += completion
+        pos += range(n_prompt, n_prompt + len(completion))
+        if owned or own:
+            queries.append(owned + own)
+            keys.append(copies[prompt] + own)
+        keep += [copies[prompt][-1]] + own[:-1] if own else []
+        targets += completion
+        seq += [i] * len(completion)
+    positions = torch.tensor(pos, dtype=torch.long)
+    return PackedBatch(torch.tensor([ids], dtype=torch.long), positions[None], torch.tensor(keep, dtype=torch.long),
+                       torch.tensor(targets, dtype=torch.long), torch.tensor(seq, dtype=torch.long), len(examples),
+                       build_segments(queries, keys, positions))
 
 
 @dataclass
@@ -292,8 +348,10 @@ def target_positions(tokens: PackedBatch) -> torch.Tensor:
     return k - first[seq]
 
 
-def collate_rl(samples: list[RLSample], pad_id: int, capacity: int | None) -> RLBatch:
-    tokens = pack([Example(s.prompt + s.completion, len(s.prompt)) for s in samples], pad_id, capacity)
+def collate_rl(samples: list[RLSample], pad_id: int, capacity: int | None, shared_prefix: bool = False) -> RLBatch:
+    """capacity: rows of that many tokens (None: one sequence per row); shared_prefix: pack_shared_prefix instead."""
+    examples = [Example(s.prompt + s.completion, len(s.prompt)) for s in samples]
+    tokens = pack_shared_prefix(examples) if shared_prefix else pack(examples, pad_id, capacity)
     pos = target_positions(tokens)
     fields = {}
     for name in RL_TOKEN_FIELDS:
@@ -331,3 +389,27 @@ def deal_even(items: list, world: int, gas: int, length=lambda s: len(s.prompt) 
     ordered = sorted(items, key=length)
     micro = [list(c) for c in np.array_split(np.arange(len(ordered)), world * gas)]
     return [[[ordered[i] for i in micro[m]] for m in range(r, world * gas, world)] for r in range(world)]
+
+
+def deal_groups(samples: list[RLSample], world: int, gas: int) -> list[list[list[RLSample]]]:
+    """[rank][micro-batch] like deal_even (the same near-equal sizes), but samples with the same prompt stay
+    together as far as the sizes allow, so a micro-batch lays each prompt out once (pack_shared_prefix), and
+    micro-batches carry near-equal tokens: groups go largest first to the micro-batch with the fewest tokens and
+    room, and a group that fits nowhere whole fills the emptiest one's room and goes on with its rest."""
+    groups: dict[tuple[int, ...], list[RLSample]] = {}
+    for s in samples:
+        groups.setdefault(tuple(s.prompt), []).append(s)
+    cost = lambda g: len(g[0].prompt) + sum(len(s.completion) for s in g)  # tokens laid out, prompt once
+    M = world * gas
+    room = [len(c) for c in np.array_split(np.arange(len(samples)), M)]
+    micro: list[list[RLSample]] = [[] for _ in range(M)]
+    load = [0] * M
+    for group in sorted(groups.values(), key=cost, reverse=True):  # stable: ties keep first-seen order
+        while group:
+            fits = [m for m in range(M) if room[m] >= len(group)]
+            m = min(fits or [m for m in range(M) if room[m]], key=lambda m: (load[m], m))
+            part, group = group[: room[m]], group[room[m] :]
+            micro[m] += part
+            room[m] -= len(part)
+            load[m] += cost(part)
+    return [[micro[m] for m in range(r, M, world)] for r in range(world)]

@@ -27,8 +27,8 @@ from posttrain.algorithms.ppo import gae, token_rewards, whiten
 from posttrain.algorithms.rl_objective import RLObjective
 from posttrain.algorithms.running_stats import RunningMoments
 from posttrain.cluster import Demand, gather, round_robin, spawn, stage_phases
-from posttrain.data.batching import (Example, RLSample, collate, collate_rl, deal_even, encode_prompt, pad_rows,
-                                     step_indices)
+from posttrain.data.batching import (Example, RLBatch, RLSample, collate, collate_rl, deal_even, deal_groups,
+                                     encode_prompt, pad_rows, step_indices)
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.loops.evaluate import evaluate_policy, sample, sampler_actors, verifier_actors, verify
@@ -103,6 +103,8 @@ def run_online_rl(ctx: StageContext) -> StageResult:
     objective = RLObjective(stage.kind, **({"ppo": cfg} if stage.kind == "ppo" else {"grpo": cfg}),
                             tis_cap=stage.truncated_is, z_loss_coef=stage.z_loss)
     ckpt_root = ctx.stage_dir / "checkpoints"
+    packing = Packing(tok.pad_token_id, shared_prefix_supported(ctx.model_path, *(
+        [ctx.resolve(_critic_source(ctx))] if stage.kind == "ppo" else [])))
     with ExitStack() as stack:
         actors, counts, start, resumed = _start_actors(ctx, stack, len(train.keep), held_out is not None)
         state = LoopState.load(resumed)
@@ -113,7 +115,7 @@ def run_online_rl(ctx: StageContext) -> StageResult:
         active: set[str] = set()  # monitors over their threshold: warned once per crossing
         bar = progress(total=stage.steps, initial=start, desc=f"{stage.name} {stage.kind}", unit="step")
         for step in range(start, stage.steps):
-            row = _rl_step(ctx, actors, objective, train, step, state, tok.pad_token_id, ptx)
+            row = _rl_step(ctx, actors, objective, train, step, state, packing, ptx)
             done = step + 1
             active = _report_monitors(stage, row, active, done)
             if done % stage.log_every == 0 or done == stage.steps:
@@ -135,7 +137,7 @@ def run_online_rl(ctx: StageContext) -> StageResult:
 
 
 def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: Problems, step: int,
-             state: LoopState, pad_id: int, ptx: list[Example] | None = None) -> dict[str, float]:
+             state: LoopState, packing: Packing, ptx: list[Example] | None = None) -> dict[str, float]:
     """One RL step, from sampling with weights version `step` to serving version `step + 1`; returns its metrics."""
     stage: OnlineRLStage = ctx.stage
     recipe = ctx.recipe
@@ -154,9 +156,9 @@ def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: P
     t_score = time.perf_counter()
     if actors.sleep:
         gather([s.sleep.remote() for s in actors.samplers])
-    row.update(_advantages(stage, actors, samples, rewards[kept], roll, kept, state, pad_id))
+    row.update(_advantages(stage, actors, samples, rewards[kept], roll, kept, state, packing))
     t_adv = time.perf_counter()
-    row.update(_update(stage, objective, actors, samples, pad_id, step, ptx, recipe.seed))
+    row.update(_update(stage, objective, actors, samples, packing, step, ptx, recipe.seed))
     state.bad_in_a_row = state.bad_in_a_row + 1 if row["skipped_updates"] else 0
     t_learn = time.perf_counter()
     if actors.sleep:
@@ -298,7 +300,7 @@ def _training_samples(train: Problems, idx, roll, valid: torch.Tensor) -> tuple[
 
 
 def _advantages(stage: OnlineRLStage, actors: Actors, samples: list[RLSample], rewards: torch.Tensor, roll,
-                kept: torch.Tensor, state: LoopState, pad_id: int) -> dict[str, float]:
+                kept: torch.Tensor, state: LoopState, packing: Packing) -> dict[str, float]:
     """Fill each sample's old/ref log-probs (and values, returns) from the actors, then its advantages.
 
     GRPO/RLOO with one update per rollout skip that pass: the update's own forward is the old policy, and the
@@ -306,7 +308,7 @@ def _advantages(stage: OnlineRLStage, actors: Actors, samples: list[RLSample], r
     if not samples:  # every reward unusable or every completion empty: nothing to learn from this step
         return {}
     if stage.kind == "ppo" or stage.epochs * stage.mini_batches > 1:
-        _fill(actors.learners, samples, stage.micro_batch_size, pad_id)
+        _fill(actors.learners, samples, stage.micro_batch_size, packing)
     if stage.kind != "ppo":
         n = len(roll.text)
         full = torch.full((n,), math.nan)
@@ -320,12 +322,12 @@ def _advantages(stage: OnlineRLStage, actors: Actors, samples: list[RLSample], r
             s.advantages = [a] * len(s.completion)
         return {"advantage_abs_mean": adv.abs().mean().item() if adv.numel() else 0.0,
                 "zero_advantage_frac": (adv == 0).float().mean().item() if adv.numel() else 1.0}
-    return _ppo_advantages(stage, actors.critics, samples, rewards, state, pad_id)
+    return _ppo_advantages(stage, actors.critics, samples, rewards, state, packing)
 
 
-def _ppo_advantages(stage, critics, samples, scores, state: LoopState, pad_id: int) -> dict[str, float]:
+def _ppo_advantages(stage, critics, samples, scores, state: LoopState, packing: Packing) -> dict[str, float]:
     cfg = stage.objective_config()
-    _fill(critics, samples, stage.micro_batch_size, pad_id)
+    _fill(critics, samples, stage.micro_batch_size, packing)
     logp, mask = pad_rows([s.old_logps for s in samples])
     ref = pad_rows([s.ref_logps for s in samples])[0] if cfg.kl_coef else logp
     values = pad_rows([s.old_values for s in samples])[0]
@@ -346,17 +348,51 @@ def _ppo_advantages(stage, critics, samples, scores, state: LoopState, pad_id: i
             "return_mean": returns[m].mean().item(), "advantage_abs_mean": adv[m].abs().mean().item()}
 
 
-def _packed(samples: list[RLSample], pad_id: int):
-    """A micro-batch for the learners: packed into rows as long as its longest sequence, so no row's attention spans
-    more than that (longer rows cost more in attention than their padding saved, measured on CPU)."""
-    return collate_rl(samples, pad_id, max(len(s.prompt) + len(s.completion) for s in samples))
+@dataclass(frozen=True)
+class Packing:
+    """How the loop lays out the learners' micro-batches.
+
+    shared_prefix: every model the learners hold runs models/shared_prefix.py exactly, so each micro-batch lays out
+    a prompt once for all its completions (with groups of 8 over 8-token prompts and about 25-token completions,
+    the learner's step takes about 30% less time on CPU). Otherwise rows as long as the longest sequence: no row's
+    attention spans more than that (longer rows cost more in attention than their padding saved, on CPU)."""
+
+    pad_id: int
+    shared_prefix: bool
+
+    def batch(self, samples: list[RLSample]) -> RLBatch:
+        if self.shared_prefix:
+            return collate_rl(samples, self.pad_id, None, shared_prefix=True)
+        return collate_rl(samples, self.pad_id, max(len(s.prompt) + len(s.completion) for s in samples))
+
+    def deal(self, samples: list[RLSample], world: int, gas: int) -> list[list[list[RLSample]]]:
+        return deal_groups(samples, world, gas) if self.shared_prefix else deal_even(samples, world, gas)
+
+    def order(self, samples: list[RLSample]) -> list[int]:
+        """Sample indices with each prompt's samples together (shared prefix), else by length."""
+        if self.shared_prefix:
+            first: dict[tuple[int, ...], int] = {}
+            return sorted(range(len(samples)), key=lambda i: first.setdefault(tuple(samples[i].prompt), i))
+        return sorted(range(len(samples)), key=lambda i: len(samples[i].prompt) + len(samples[i].completion))
 
 
-def _fill(actors, samples: list[RLSample], mbs: int, pad_id: int) -> None:
+def shared_prefix_supported(*model_paths: str) -> bool:
+    """Whether every model (a directory with config.json, or a LoRA adapter over one) runs the shared-prefix
+    attention exactly: the architectures the lean decoder runs."""
+    from transformers import AutoConfig
+
+    from posttrain.models.decode import unsupported_reason
+    from posttrain.models.load import adapter_base, is_adapter_dir
+
+    return all(unsupported_reason(AutoConfig.from_pretrained(adapter_base(p) if is_adapter_dir(p) else p)) is None
+               for p in model_paths)
+
+
+def _fill(actors, samples: list[RLSample], mbs: int, packing: Packing) -> None:
     """The actors' per-token scores of every sample before any update (rollout_logps), written onto the samples."""
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt) + len(samples[i].completion))
+    order = packing.order(samples)
     micro = [order[i : i + mbs] for i in range(0, len(order), mbs)]
-    outs = round_robin(actors, "rollout_logps", [_packed([samples[i] for i in mb], pad_id) for mb in micro],
+    outs = round_robin(actors, "rollout_logps", [packing.batch([samples[i] for i in mb]) for mb in micro],
                        lockstep=True)
     for mb, out in zip(micro, outs):
         for name, per_seq in out.items():
@@ -367,7 +403,7 @@ def _fill(actors, samples: list[RLSample], mbs: int, pad_id: int) -> None:
 # ------------------------------------------------------------------------------------------ updates
 
 
-def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, samples: list[RLSample], pad_id: int,
+def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, samples: list[RLSample], packing: Packing,
             step: int, ptx: list[Example] | None = None, seed: int = 0) -> dict[str, float]:
     """`epochs` passes of `mini_batches` optimizer steps over the rollout; the critic takes the same minibatches.
     With PPO-ptx each optimizer step also takes the next ptx.batch_size supervised sequences (a pure function of
@@ -387,13 +423,13 @@ def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, sample
         order = rng.permutation(len(samples)) if stage.mini_batches > 1 else np.arange(len(samples))
         for part in np.array_split(order, stage.mini_batches):
             mb_samples = [samples[i] for i in part]
-            batches = [[_packed(m, pad_id) for m in rank] for rank in deal_even(mb_samples, world, gas)]
+            batches = [[packing.batch(m) for m in rank] for rank in packing.deal(mb_samples, world, gas)]
             totals = {"seqs": float(len(mb_samples)), "tokens": float(sum(len(s.completion) for s in mb_samples))}
             lm = [None] * world
             if ptx:
                 update = step * stage.epochs * stage.mini_batches + n_updates  # the optimizer step, over the run
                 rows = [ptx[i] for i in step_indices(len(ptx), stage.ptx.batch_size, update, seed)]
-                lm = [[collate(m, pad_id) for m in rank] for rank in deal_even(rows, world, gas, _example_length)]
+                lm = [[collate(m, packing.pad_id) for m in rank] for rank in deal_even(rows, world, gas, _example_length)]
                 totals["ptx_tokens"] = float(sum(b.n_target_tokens for rank in lm for b in rank))
             seed_u = step * 1000 + n_updates
             refs = [lr.rl_step.remote(seed_u, batches[r], totals, objective, lm[r]) for r, lr in enumerate(learners)]
@@ -515,9 +551,12 @@ def _critic_group(ctx: StageContext, demand: Demand, updates: int):
     `critic.model`, else the reward model when the reward comes from one, else the policy (with a new head)."""
     stage: OnlineRLStage = ctx.stage
     critic = stage.critic or CriticConfig()
-    source = critic.model or stage.reward.reward_model or ctx.model_path
-    return learner_group(ctx, ctx.resolve(source), replace(stage, optim=critic.optim), ctx.stage_dir / CRITIC_DIR,
+    return learner_group(ctx, ctx.resolve(_critic_source(ctx)), replace(stage, optim=critic.optim), ctx.stage_dir / CRITIC_DIR,
                          False, "critic (value head)", demand=demand, head="value", lora=None, total_steps=updates)
+
+
+def _critic_source(ctx: StageContext) -> str:
+    return (ctx.stage.critic or CriticConfig()).model or ctx.stage.reward.reward_model or ctx.model_path
 
 
 def _reward_models(ctx: StageContext, demand: Demand):

@@ -24,6 +24,7 @@ import torch
 from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.algorithms.sft import completion_nll
 from posttrain.data.batching import Example, PackedBatch, PairBatch, RLBatch, TokenBatch, pack
+from posttrain.models.shared_prefix import shared_prefix_forward
 from posttrain.optim import lr_multiplier
 from posttrain.recipe.schema import LoraConfig, OptimConfig, ReferenceUpdateConfig
 
@@ -126,15 +127,19 @@ class LearnerWorker:
             nll_sum, n_tok = nll_sum + nll.item(), n_tok + n.item()
         return nll_sum, n_tok
 
+    def _packed_logits(self, packed: PackedBatch, model=None) -> torch.Tensor:
+        """Logits (K, V) at the positions that predict the packed targets, under `model` (default: the policy).
+        No attention mask and no KV cache: the model reads sequences from the restarting position_ids, or
+        attends per sequence over the shared prompts (packed.segments)."""
+        forward = self.engine if model is None else model
+        with shared_prefix_forward(self.model if model is None else model) if packed.segments is not None else nullcontext():
+            return forward(**packed.model_inputs(self.device)).logits.flatten(0, -2)
+
     # ------------------------------------------------------------------ preference pairs
     def _sequence_logps(self, packed: PackedBatch, model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed completion log-probs (N,) and completion token counts (N,) of the N packed sequences
         under `model` (default: the policy being trained)."""
-        # No attention mask and no KV cache: the model then reads segments from the restarting position_ids.
-        forward = self.engine if model is None else model
-        out = forward(input_ids=packed.input_ids.to(self.device), position_ids=packed.position_ids.to(self.device),
-                      use_cache=False, logits_to_keep=packed.logits_mask.to(self.device))  # logits (K, V)
-        logps = target_logprobs(out.logits, packed.target_ids.to(self.device))  # (K,)
+        logps = target_logprobs(self._packed_logits(packed, model), packed.target_ids.to(self.device))  # (K,)
         seq = packed.target_seq.to(self.device)
         sums = logps.new_zeros(packed.n_seqs).index_add(0, seq, logps)
         return sums, torch.bincount(seq, minlength=packed.n_seqs).to(logps.dtype)
@@ -233,10 +238,8 @@ class LearnerWorker:
     # ------------------------------------------------------------------ online RL
     def _token_logps(self, tokens: PackedBatch, model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs (K,) of every completion token of the packed sequences, and their logits (K, V)."""
-        forward = self.engine if model is None else model
-        out = forward(input_ids=tokens.input_ids.to(self.device), position_ids=tokens.position_ids.to(self.device),
-                      use_cache=False, logits_to_keep=tokens.logits_mask.to(self.device))
-        return target_logprobs(out.logits, tokens.target_ids.to(self.device)), out.logits
+        logits = self._packed_logits(tokens, model)
+        return target_logprobs(logits, tokens.target_ids.to(self.device)), logits
 
     @torch.no_grad()
     def rollout_logps(self, batches: list[RLBatch]) -> list[dict[str, list[list[float]]]]:
@@ -313,9 +316,11 @@ class LearnerWorker:
         """The critic's value (K,) at each position that predicts a completion token: V(prompt + completion[:t])."""
         model = self.engine.module if hasattr(self.engine, "module") else self.model
         backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(input_ids=tokens.input_ids.to(self.device), position_ids=tokens.position_ids.to(self.device),
-                          use_cache=False).last_hidden_state  # (R, T, H), after the final norm
-        return model.score(hidden[tokens.logits_mask.to(self.device)]).squeeze(-1).float()
+        inputs = tokens.model_inputs(self.device)
+        del inputs["logits_to_keep"]  # the backbone has no head: its hidden states are kept below
+        with shared_prefix_forward(model) if tokens.segments is not None else nullcontext():
+            hidden = backbone(**inputs).last_hidden_state  # (R, T, H), after the final norm
+        return model.score(tokens.kept(hidden)).squeeze(-1).float()
 
     def value_step(self, step: int, batches: list[RLBatch], totals: dict[str, float], cfg) -> dict[str, float]:
         """One optimizer step of PPO's (clipped) value loss, token mean over the minibatch (head="value")."""
