@@ -60,8 +60,9 @@ def test_greedy_equals_generate_and_log_probs_equal_a_teacher_forced_forward(kin
 
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2"])
 def test_sampled_rows_keep_their_own_cache_when_finished_rows_are_dropped(kind):
-    """32 rows at temperature 1: many end early and are dropped from the batch; every survivor's log-probs must
-    still be those of its own prefix (a mixed-up cache row would change them)."""
+    """32 rows at temperature 1, each prompt repeated (prefilled once, then copied to its rows): many end early and
+    are dropped from the batch; every survivor's log-probs must still be those of its own prefix (a mixed-up cache
+    row would change them)."""
     model = _model(kind)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
     gen = torch.Generator().manual_seed(1)
