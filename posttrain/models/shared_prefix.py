@@ -19,6 +19,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -43,22 +44,20 @@ class PrefixSegments:
 def build_segments(queries: list[list[int]], keys: list[list[int]], positions: torch.Tensor) -> PrefixSegments:
     """queries[s], keys[s]: row positions (ascending) of segment s's queries and keys; positions (N,): each row
     position's position within its own sequence. Every row position is the query of exactly one segment."""
-    S, Lq, Lk = len(queries), max(map(len, queries)), max(map(len, keys))
-    q_index = torch.zeros((S, Lq), dtype=torch.long)
-    k_index = torch.zeros((S, Lk), dtype=torch.long)
-    q_real = torch.zeros((S, Lq), dtype=torch.bool)
-    k_real = torch.zeros((S, Lk), dtype=torch.bool)
-    inverse = torch.full((positions.numel(),), -1, dtype=torch.long)
-    for s, (q, k) in enumerate(zip(queries, keys)):
-        q_index[s, : len(q)] = torch.tensor(q, dtype=torch.long)
-        k_index[s, : len(k)] = torch.tensor(k, dtype=torch.long)
-        q_real[s, : len(q)] = True
-        k_real[s, : len(k)] = True
-        inverse[q_index[s, : len(q)]] = s * Lq + torch.arange(len(q))
-    assert bool((inverse >= 0).all()), "every row position must be the query of one segment"
+    n_q, n_k = np.array([len(q) for q in queries]), np.array([len(k) for k in keys])
+    q_real = np.arange(n_q.max()) < n_q[:, None]  # (S, Lq): slots holding a query, row-major = segment order
+    k_real = np.arange(n_k.max()) < n_k[:, None]
+    q_index = np.zeros(q_real.shape, dtype=np.int64)
+    k_index = np.zeros(k_real.shape, dtype=np.int64)
+    q_index[q_real] = np.concatenate(queries)
+    k_index[k_real] = np.concatenate(keys)
+    inverse = np.full(positions.numel(), -1, dtype=np.int64)
+    inverse[q_index[q_real]] = np.flatnonzero(q_real)  # slot s * Lq + j
+    assert (inverse >= 0).all(), "every row position must be the query of one segment"
+    q_index, k_index, q_real, k_real = map(torch.from_numpy, (q_index, k_index, q_real, k_real))
     mask = k_real[:, None, :] & (positions[k_index][:, None, :] <= positions[q_index][:, :, None])
     mask[:, :, 0] |= ~q_real  # a padding query sees one key: its softmax stays finite (its output is never read)
-    return PrefixSegments(q_index, k_index, mask[:, None], inverse)
+    return PrefixSegments(q_index, k_index, mask[:, None], torch.from_numpy(inverse))
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
