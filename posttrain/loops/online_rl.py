@@ -478,8 +478,9 @@ def _push_weights(actors: Actors, version: int) -> None:
     """Learners -> samplers through Ray's object store: every rank gathers (ZeRO-3), rank 0 holds the tensors, and
     each sampler loads them from that one object."""
     refs = [lr.policy_state.remote() for lr in actors.learners]
+    loads = [s.update_weights.remote(refs[0], version) for s in actors.samplers]  # they wait for rank 0's tensors
     gather(refs[1:])  # the other ranks' part of the gather is done
-    served = gather([s.update_weights.remote(refs[0], version) for s in actors.samplers])
+    served = gather(loads)
     if any(v != version for v in served):
         raise WeightSyncError(f"weights version {version}: the samplers report versions {served} after the push: a "
                               "sampler ignored the update. The run stops rather than sample with stale weights.")
@@ -489,9 +490,11 @@ def _probe(actors: Actors, seq, version: int, stage: OnlineRLStage, dtype: str) 
     """Every sampler and the learner score the probe sequence; a difference beyond tolerance stops the run."""
     prompt, completion = seq
     tolerance = stage.sync.parity_tolerance or (1e-3 if dtype == "float32" else 0.25)
-    learner_lp = gather([lr.probe.remote(prompt, completion) for lr in actors.learners])[0]
+    learner_refs = [lr.probe.remote(prompt, completion) for lr in actors.learners]  # all ranks: ZeRO-3 gathers
+    sampler_refs = [s.probe.remote(prompt, completion) for s in actors.samplers]  # scored at the same time
+    learner_lp = gather(learner_refs)[0]
     worst = None
-    for j, (served, lp) in enumerate(gather([s.probe.remote(prompt, completion) for s in actors.samplers])):
+    for j, (served, lp) in enumerate(gather(sampler_refs)):
         require_version(served, version)
         report = parity_report(version, lp, learner_lp, tolerance)
         require_parity(report, f"sampler {j}")
