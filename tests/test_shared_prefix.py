@@ -83,7 +83,8 @@ def test_log_probs_and_gradients_equal_each_sequence_alone(kind):
     for k, v in model.named_parameters():
         torch.testing.assert_close(v.grad, grads[k], atol=1e-6, rtol=1e-6, msg=k)
     # the test can fail: a completion that may also see its group's earlier completions scores differently
-    b.segments.mask[:] = b.segments.mask | (b.segments.key_index[:, None, None, :] < b.segments.query_index[:, None, :, None])
+    seg = b.segments
+    seg.mask[:] = seg.mask | (seg.key_index[:, None, None, :] < seg.query_index[:, None, :, None])
     with torch.no_grad():
         assert (logps(b) - expected).abs().max() > 1e-3
 

@@ -131,8 +131,8 @@ class LearnerWorker:
         """Logits (K, V) at the positions that predict the packed targets, under `model` (default: the policy).
         No attention mask and no KV cache: the model reads sequences from the restarting position_ids, or
         attends per sequence over the shared prompts (packed.segments)."""
-        forward = self.engine if model is None else model
-        with shared_prefix_forward(self.model if model is None else model) if packed.segments is not None else nullcontext():
+        forward, held = (self.engine, self.model) if model is None else (model, model)
+        with shared_prefix_forward(held) if packed.segments is not None else nullcontext():
             return forward(**packed.model_inputs(self.device)).logits.flatten(0, -2)
 
     # ------------------------------------------------------------------ preference pairs
