@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from small_models import EOS, PAD, SMALL, small_model
+from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from posttrain.algorithms.logprobs import token_logprobs
 from posttrain.models.decode import LeanDecoder, unsupported_reason, warp
 
-EOS, PAD = 2, 0
-SMALL = dict(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=128, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
-
 
 def _model(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama_gqa":  # grouped-query attention, llama3 rotary scaling, untied head
-        cfg = LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=False,
-                          rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                           "original_max_position_embeddings": 32})
-        model = LlamaForCausalLM(cfg)
-    else:  # qwen2: biases on q/k/v
-        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=4, tie_word_embeddings=True))
+    model = small_model(kind)
     model.eval()
     # Random weights rarely pick EOS: make it outbid the token greedy decoding picks most after the first few steps,
     # so rows end at different steps.
@@ -101,7 +90,7 @@ def test_warp_is_hf_temperature_then_top_k_then_top_p(temperature, top_k, top_p)
 
 
 def test_other_architectures_fall_back_to_generate():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_embd=32, n_layer=1, n_head=2))
     assert "model_type 'gpt2'" in unsupported_reason(gpt2)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from small_models import small_model
+from transformers import GPT2Config
 
 from posttrain.algorithms.rl_config import GRPOConfig
 from posttrain.algorithms.rl_objective import RLObjective
@@ -16,8 +17,6 @@ from posttrain.models.shared_prefix import shared_prefix_forward
 from posttrain.recipe.schema import LoraConfig, OptimConfig
 from posttrain.workers.learner import LearnerSpec, LearnerWorker
 
-SMALL = dict(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 P1, P2, P3 = [1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13]
 # Prompts repeat out of order, lengths differ, one completion is a single token.
 SEQS = [(P1, [20, 21, 22, 2]), (P2, [23, 2]), (P1, [24, 25]), (P3, [26, 27, 28, 29, 30, 2]), (P1, [31]),
@@ -25,14 +24,7 @@ SEQS = [(P1, [20, 21, 22, 2]), (P2, [23, 2]), (P1, [24, 25]), (P3, [26, 27, 28, 
 
 
 def _model(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama_gqa":  # grouped-query attention, llama3 rotary scaling, untied head
-        cfg = LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=False,
-                          rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                           "original_max_position_embeddings": 32})
-        return LlamaForCausalLM(cfg).double()
-    return Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=4)).double()  # q/k/v biases
+    return small_model(kind).double()
 
 
 def _alone(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
