@@ -35,17 +35,18 @@ def _alone(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
 
 
 def test_layout_lays_each_prompt_out_once():
-    b = pack_shared_prefix([Example(P1 + [20, 21], 4), Example(P2 + [23], 2), Example(P1 + [24], 4)])
-    assert b.input_ids.tolist() == [[1, 5, 6, 7, 20, 21, 1, 8, 23, 24]]
-    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 4]]
+    b = pack_shared_prefix([Example(P1 + [20, 21], 4), Example(P2 + [23], 2), Example(P1 + [24, 25], 4)])
+    # each completion's last token (21, 23, 25) is only a target: nothing reads its hidden state
+    assert b.input_ids.tolist() == [[1, 5, 6, 7, 20, 1, 8, 24]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 4]]
     # P1's last position (3) predicts the first token of both its completions
-    assert b.logits_to_keep.tolist() == [3, 4, 7, 3]
-    assert b.target_ids.tolist() == [20, 21, 23, 24]
-    assert b.target_seq.tolist() == [0, 0, 1, 2]
+    assert b.logits_to_keep.tolist() == [3, 4, 6, 3, 7]
+    assert b.target_ids.tolist() == [20, 21, 23, 24, 25]
+    assert b.target_seq.tolist() == [0, 0, 1, 2, 2]
     seg = b.segments
-    assert seg.query_index[2, :1].tolist() == [9] and seg.key_index[2, :5].tolist() == [0, 1, 2, 3, 9]
-    # sequence 2's one query sees its prompt's copy and itself, nothing of sequence 0's completion
-    assert seg.mask[2, 0, 0].tolist() == [True] * 5 + [False]
+    # sequence 2's one query sees its prompt's copy and itself, nothing of sequence 0's completion (position 4)
+    assert seg.query_index[2, :1].tolist() == [7] and seg.key_index[2].tolist() == [0, 1, 2, 3, 7]
+    assert seg.mask[2, 0, 0].tolist() == [True] * 5
     assert sorted(seg.inverse.tolist()) == sorted(set(seg.inverse.tolist()))  # every position owned exactly once
 
 
@@ -60,7 +61,7 @@ def test_log_probs_and_gradients_equal_each_sequence_alone(kind):
     model.zero_grad()
 
     b = pack_shared_prefix([Example(p + c, len(p)) for p, c in SEQS])
-    assert b.input_ids.shape[1] == len(P1 + P2 + P3) + sum(len(c) for _, c in SEQS)
+    assert b.input_ids.shape[1] == len(P1 + P2 + P3) + sum(len(c) - 1 for _, c in SEQS)
 
     def logps(batch):
         with shared_prefix_forward(model):

@@ -224,7 +224,9 @@ def pack_shared_prefix(examples: list[Example]) -> PackedBatch:
 
     A prompt's copy is followed by the completions of every sequence with that prompt; a completion's positions
     continue from its prompt's. The first completion token of each is predicted by the last prompt position,
-    shared by the group. Sequence i keeps index i in target_seq. An empty prompt counts the first token as it.
+    shared by the group. A completion's last token predicts nothing and no later token reads it, so it is left out
+    of the row (it stays a target). Sequence i keeps index i in target_seq. An empty prompt counts the first token
+    as it.
     """
     ids: list[int] = []
     pos: list[int] = []
@@ -242,13 +244,14 @@ def pack_shared_prefix(examples: list[Example]) -> PackedBatch:
             copies[prompt] = owned = list(range(len(ids), len(ids) + n_prompt))
             ids += prompt
             pos += range(n_prompt)
-        own = list(range(len(ids), len(ids) + len(completion)))
-        ids += completion
-        pos += range(n_prompt, n_prompt + len(completion))
+        laid = completion[:-1]
+        own = list(range(len(ids), len(ids) + len(laid)))
+        ids += laid
+        pos += range(n_prompt, n_prompt + len(laid))
         if owned or own:
             queries.append(owned + own)
             keys.append(copies[prompt] + own)
-        keep += [copies[prompt][-1]] + own[:-1] if own else []
+        keep += [copies[prompt][-1]] + own if completion else []
         targets += completion
         seq += [i] * len(completion)
     positions = torch.tensor(pos, dtype=torch.long)
