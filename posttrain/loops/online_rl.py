@@ -64,6 +64,7 @@ class LoopState:
     first_length: float | None = None  # mean response length of the first step (length drift)
     bad_in_a_row: int = 0
     probe: tuple[list[int], list[int]] | None = None  # the parity probe's (prompt, completion), fixed for the run
+    pushed: Push | None = None  # the last weight push, until its checks come back (not saved: a resume loads anew)
 
     def to_json(self) -> str:
         return json.dumps({"reward_stats": self.reward_stats.state_dict(), "first_length": self.first_length,
@@ -108,6 +109,9 @@ def run_online_rl(ctx: StageContext) -> StageResult:
     with ExitStack() as stack:
         actors, counts, start, resumed = _start_actors(ctx, stack, len(train.keep), held_out is not None)
         state = LoopState.load(resumed)
+        if state.probe is not None:  # resumed: the samplers loaded the checkpoint; checked before they sample
+            state.pushed = Push(start, [], [], *_probes(actors, state.probe))
+        tolerance = _tolerance(stage, ctx.recipe.model.dtype)
         metrics: dict[str, float] = {}
         if held_out and start == 0:
             metrics.update(_evaluate(ctx, actors, held_out, 0))
@@ -129,30 +133,47 @@ def run_online_rl(ctx: StageContext) -> StageResult:
                     f"and were skipped (last: step {done}); stopping. The last checkpoint ({last_ckpt or 'none yet'}) "
                     "is intact: lower optim.lr, check rewards for extreme values, or set z_loss, then --resume.")
             if held_out and (done % stage.eval_every == 0 or done == stage.steps):
+                _log(ctx, done, _settle(state, tolerance))  # eval only checked weights
                 metrics.update(_evaluate(ctx, actors, held_out, done))
             if done % stage.save_every == 0 or done == stage.steps:
                 last_ckpt = str(_save(ctx, actors, ckpt_root, done, metrics, state))
+        _log(ctx, stage.steps, _settle(state, tolerance))  # the last push is checked too
         bar.close()
     return StageResult(metrics, last_ckpt, {"start_digest": counts["start_digest"]})
 
 
+def _log(ctx: StageContext, step: int, metrics: dict[str, float]) -> None:
+    if metrics:
+        ctx.log(step, metrics)
+
+
 def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: Problems, step: int,
              state: LoopState, packing: Packing, ptx: list[Example] | None = None) -> dict[str, float]:
-    """One RL step, from sampling with weights version `step` to serving version `step + 1`; returns its metrics."""
+    """One RL step, from sampling with weights version `step` to pushing version `step + 1`; returns its metrics.
+
+    The push is checked in the next step, once its samples are back (or before an eval): each sampler loads the
+    weights before it runs anything asked of it later, so the checks need no round trip of their own."""
     stage: OnlineRLStage = ctx.stage
     recipe = ctx.recipe
     t0 = time.perf_counter()
     idx = [train.keep[i] for i in step_indices(len(train.keep), stage.prompts_per_step, step, recipe.seed)]
-    roll = sample(actors.samplers, [train.prompts[i] for i in idx], stage.samples_per_prompt, stage.sampling,
-                  recipe.cluster.sampler.batch_size, f"{stage.name} step {step + 1} sample",
-                  seed=recipe.seed * 1_000_003 + 7919 * (step + 1))
+    tolerance = _tolerance(stage, recipe.model.dtype)
+    try:
+        roll = sample(actors.samplers, [train.prompts[i] for i in idx], stage.samples_per_prompt, stage.sampling,
+                      recipe.cluster.sampler.batch_size, f"{stage.name} step {step + 1} sample",
+                      seed=recipe.seed * 1_000_003 + 7919 * (step + 1))
+    except WeightSyncError:  # samplers on different versions: a failed load says why, when there was one
+        _settle(state, tolerance)
+        raise
+    row = _settle(state, tolerance)  # the weights these samples came from
     require_version(roll.version, step)  # the weights pushed after the previous update, nothing older
     t_sample = time.perf_counter()
-    rewards, valid, row = score_rollouts(ctx, roll, train.rows, idx, actors.verifiers, actors.scorers)
+    rewards, valid, scores = score_rollouts(ctx, roll, train.rows, idx, actors.verifiers, actors.scorers)
+    row.update(scores)
     samples, kept = _training_samples(train, idx, roll, valid)
     if state.probe is None and samples:  # fixed for the rest of the run; checked before any update too
         state.probe = (samples[0].prompt, samples[0].completion)
-        row.update(_probe(actors, state.probe, step, stage, recipe.model.dtype))
+        row.update(_check_push(Push(step, [], [], *_probes(actors, state.probe)), tolerance))
     t_score = time.perf_counter()
     if actors.sleep:
         gather([s.sleep.remote() for s in actors.samplers])
@@ -163,9 +184,8 @@ def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: P
     t_learn = time.perf_counter()
     if actors.sleep:
         gather([s.wake_up.remote() for s in actors.samplers])
-    _push_weights(actors, step + 1)
-    if state.probe is not None and (step + 1) % stage.sync.probe_every == 0:
-        row.update(_probe(actors, state.probe, step + 1, stage, recipe.model.dtype))
+    probe = state.probe is not None and (step + 1) % stage.sync.probe_every == 0
+    state.pushed = _push_weights(actors, step + 1, state.probe if probe else None)
     t_end = time.perf_counter()
     mean_len = float(np.mean([len(c) for c in roll.completion_ids]))
     state.first_length = state.first_length or mean_len
@@ -475,29 +495,59 @@ def _merge(sums: dict[str, float], outs: list[dict[str, float]]) -> None:
 # ------------------------------------------------------------------------------------------ weight sync
 
 
-def _push_weights(actors: Actors, version: int) -> None:
-    """Learners -> samplers through Ray's object store: every rank gathers (ZeRO-3), rank 0 holds the tensors, and
-    each sampler loads them from that one object."""
+@dataclass
+class Push:
+    """A weight push in flight: what the samplers and the learners answer about weights `version`."""
+
+    version: int
+    loads: list  # each sampler's update_weights: the version it now serves
+    rest: list  # the other learner ranks' part of the state gather (ZeRO-3)
+    learner_probe: list  # every rank's probe (ZeRO-3 gathers); rank 0's log-probs count. Empty: not probed
+    sampler_probes: list  # each sampler's (version served, log-probs)
+
+
+def _push_weights(actors: Actors, version: int, probe: tuple[list[int], list[int]] | None = None) -> Push:
+    """Learners -> samplers through Ray's object store, without waiting: every rank gathers (ZeRO-3), rank 0 holds
+    the tensors, and each sampler loads them from that one object. A Ray actor runs its calls in the order they
+    were made, so whatever is asked of the samplers next (the probe, the next step's sampling) runs on version
+    `version`; `_check_push` reads the outcome."""
     refs = [lr.policy_state.remote() for lr in actors.learners]
     loads = [s.update_weights.remote(refs[0], version) for s in actors.samplers]  # they wait for rank 0's tensors
-    gather(refs[1:])  # the other ranks' part of the gather is done
-    served = gather(loads)
-    if any(v != version for v in served):
-        raise WeightSyncError(f"weights version {version}: the samplers report versions {served} after the push: a "
-                              "sampler ignored the update. The run stops rather than sample with stale weights.")
+    return Push(version, loads, refs[1:], *(_probes(actors, probe) if probe else ([], [])))
 
 
-def _probe(actors: Actors, seq, version: int, stage: OnlineRLStage, dtype: str) -> dict[str, float]:
-    """Every sampler and the learner score the probe sequence; a difference beyond tolerance stops the run."""
-    prompt, completion = seq
-    tolerance = stage.sync.parity_tolerance or (1e-3 if dtype == "float32" else 0.25)
-    learner_refs = [lr.probe.remote(prompt, completion) for lr in actors.learners]  # all ranks: ZeRO-3 gathers
-    sampler_refs = [s.probe.remote(prompt, completion) for s in actors.samplers]  # scored at the same time
-    learner_lp = gather(learner_refs)[0]
+def _probes(actors: Actors, seq: tuple[list[int], list[int]]) -> tuple[list, list]:
+    """Every learner rank (ZeRO-3 gathers) and every sampler score the probe sequence; returns their refs."""
+    return ([lr.probe.remote(*seq) for lr in actors.learners], [s.probe.remote(*seq) for s in actors.samplers])
+
+
+def _tolerance(stage: OnlineRLStage, dtype: str) -> float:
+    """The parity probe's tolerance: the recipe's, else float32 1e-3 and half precision 0.25."""
+    return stage.sync.parity_tolerance or (1e-3 if dtype == "float32" else 0.25)
+
+
+def _settle(state: LoopState, tolerance: float) -> dict[str, float]:
+    """Check the push in flight, if any (see _check_push); returns the probe's metrics."""
+    push, state.pushed = state.pushed, None
+    return _check_push(push, tolerance) if push is not None else {}
+
+
+def _check_push(push: Push, tolerance: float) -> dict[str, float]:
+    """Every sampler serves `push.version`, and (when probed) its log-probs of the probe sequence equal the
+    learner's within `tolerance`; otherwise the run stops."""
+    gather(push.rest)
+    served = gather(push.loads)
+    if any(v != push.version for v in served):
+        raise WeightSyncError(f"weights version {push.version}: the samplers report versions {served} after the "
+                              "push: a sampler ignored the update. The run stops rather than sample with stale "
+                              "weights.")
+    if not push.learner_probe:
+        return {}
+    learner_lp = gather(push.learner_probe)[0]
     worst = None
-    for j, (served, lp) in enumerate(gather(sampler_refs)):
-        require_version(served, version)
-        report = parity_report(version, lp, learner_lp, tolerance)
+    for j, (version, lp) in enumerate(gather(push.sampler_probes)):
+        require_version(version, push.version)
+        report = parity_report(push.version, lp, learner_lp, tolerance)
         require_parity(report, f"sampler {j}")
         worst = report if worst is None or report.max_abs_diff > worst.max_abs_diff else worst
     return worst.metrics()
