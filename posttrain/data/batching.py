@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -367,12 +368,11 @@ def collate_rl(samples: list[RLSample], pad_id: int, capacity: int | None, share
 
 def pad_rows(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token lists of different lengths -> (N, T) float32 right-padded with 0, and the (N, T) mask of real ones."""
-    width = max((len(r) for r in rows), default=0)
-    grid, mask = torch.zeros((len(rows), width)), torch.zeros((len(rows), width))
-    for i, r in enumerate(rows):
-        grid[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
-        mask[i, : len(r)] = 1.0
-    return grid, mask
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    real = np.arange(lengths.max(initial=0)) < lengths[:, None]  # row-major: the rows' values in order
+    grid = np.zeros(real.shape, dtype=np.float32)
+    grid[real] = np.fromiter(chain.from_iterable(rows), dtype=np.float32, count=int(lengths.sum()))
+    return torch.from_numpy(grid), torch.from_numpy(real.astype(np.float32))
 
 
 def deal(items: list, world_size: int, micro_batch_size: int, length) -> list[list[list]]:
