@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from posttrain.algorithms.logprobs import token_logprobs
-from posttrain.models.decode import LeanDecoder, unsupported_reason, warp
+from posttrain.models.decode import LeanDecoder, sample_categorical, unsupported_reason, warp
 
 
 def _model(kind: str):
@@ -87,6 +87,31 @@ def test_warp_is_hf_temperature_then_top_k_then_top_p(temperature, top_k, top_p)
     if top_p < 1.0:
         ref = TopPLogitsWarper(top_p)(None, ref)
     torch.testing.assert_close(warp(logits, temperature, top_k, top_p), ref)
+
+
+def test_sample_categorical_draws_each_token_at_its_probability():
+    """50k draws per row: every frequency within 4.5 standard errors of its probability, a token of probability 0
+    (warped away) never drawn, an unnormalised row read as normalised, and the same seed gives the same draws."""
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.0, 0.7, 0.0, 0.3], [1e-3, 0.0, 0.999, 0.0],
+                          [0.0, 2.0, 0.0, 2.0]])
+    expected = (probs / probs.sum(-1, keepdim=True)).double()
+    n = 50_000
+    draws = sample_categorical(probs.repeat(n, 1), torch.Generator().manual_seed(0)).view(n, len(probs))
+    for r in range(len(probs)):
+        freq = torch.bincount(draws[:, r], minlength=probs.shape[1]).double() / n
+        stderr = (expected[r] * (1 - expected[r]) / n).sqrt()
+        assert ((freq - expected[r]).abs() <= 4.5 * stderr).all(), (r, freq, expected[r])
+        assert (freq[expected[r] == 0] == 0).all()
+    again = sample_categorical(probs.repeat(n, 1), torch.Generator().manual_seed(0)).view(n, len(probs))
+    assert torch.equal(draws, again)
+
+
+def test_non_finite_logits_stop_generation_with_a_clear_error():
+    model = small_model("llama_gqa")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="logits are not finite"):
+        LeanDecoder(model).generate(PROMPTS, 4, 1.0, 0, 1.0, EOS, torch.Generator().manual_seed(0))
 
 
 def test_other_architectures_fall_back_to_generate():

@@ -4,12 +4,14 @@ Around the matmuls, `generate` spends each step on bookkeeping: cache objects th
 rebuilt, logits processors, and rows that finished long ago still in the batch. This loop runs the same network from
 the model's own parameters with a preallocated KV cache written in place, q/k/v and gate/up projections fused into
 one matmul each, a rotary table computed once, and finished rows dropped from the batch; the rest is the model's
-arithmetic, op for op (RMSNorm in float32, rotary, attention, SwiGLU). On the quickstart's model a sampling step is
-about 30% shorter. Its log-probs match a teacher-forced HF forward to float rounding; the tests check that and greedy
-equality with `generate`.
+arithmetic, op for op (RMSNorm in float32, rotary, attention, SwiGLU). A step's tokens are kept until the batch
+changes and written then, and where a row ended is read from its tokens at the end. On the quickstart's model,
+64 completions take 30% less time than with generate (0.099 s against 0.140 s, one thread). Its log-probs match a teacher-forced HF forward to float
+rounding; the tests check that and greedy equality with `generate`.
 
-Sampling follows HF's warpers and their order (temperature, then top-k, then top-p) and records each token's
-log-prob under the unmodified distribution, as the sampler contract requires.
+Sampling follows HF's warpers and their order (temperature, then top-k, then top-p), draws by inverting each row's
+CDF with one uniform, and records each token's log-prob under the unmodified distribution, as the sampler contract
+requires.
 """
 
 from __future__ import annotations
@@ -89,24 +91,27 @@ class LeanDecoder:
                 torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight))
 
     def _rotary(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (n, D) for positions 0..n-1, from the model's own rotary module (any static rope type)."""
+        """cos and signed sin (n, D) for positions 0..n-1, from the model's own rotary module (any static rope
+        type). The sin table's first half is negated, so that rotate_half(x) * sin == x.roll(D/2) * signed."""
         if self._rope is None or self._rope[0].shape[0] < n:
             n = max(n, self.max_positions)
             pos = torch.arange(n, device=self.embed.device)[None]
             cos, sin = self.model.model.rotary_emb(self.embed[:1], pos)
-            self._rope = (cos[0], sin[0])
+            half = self.head_dim // 2
+            self._rope = (cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1))
         return self._rope
 
     # ------------------------------------------------------------------ the network
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, start: int,
-                 mask: torch.Tensor) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, hidden) after the final norm, for tokens `ids` (B, T) at rotary positions `pos`,
-        written to cache[:, :, :, :, start:start+T]; they attend to cache slots [0, start+T) under `mask`."""
+        written to cache[:, :, :, :, start:start+T]; they attend to cache slots [0, start+T): where `mask`
+        (B or 1, 1, T, start+T) is True, or for one token per row (T = 1) where `blocked` (B, 1, 1, start+1) is
+        False. The rotary table must cover pos (`_rotary`)."""
         B, T = ids.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         end = start + T
-        cos_t, sin_t = self._rotary(int(pos.max()) + 1)
-        cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # (B, 1, T, D)
+        cos, sin = (table[pos].unsqueeze(1) for table in self._rope)  # (B, 1, T, D)
         x = F.embedding(ids, self.embed)
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w.ln1, self.eps)
@@ -114,7 +119,10 @@ class LeanDecoder:
             q, k = _rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin).split([H, Hkv], dim=1)  # one rotation
             cache[i, 0, :, :, start:end] = k
             cache[i, 1, :, :, start:end] = v.view(B, T, Hkv, D).transpose(1, 2)
-            o = _attend(q, cache[i, 0, :, :, :end], cache[i, 1, :, :, :end], mask, self.scaling)
+            keys, values = cache[i, 0, :, :, :end], cache[i, 1, :, :, :end]
+            o = (_attend_one(q, keys, values, blocked, self.scaling) if blocked is not None else
+                 F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                enable_gqa=H != Hkv))
             x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), w.o)
             gate, up = F.linear(_rms_norm(x, w.ln2, self.eps), w.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w.down)
@@ -127,8 +135,10 @@ class LeanDecoder:
     def score(self, ids: list[int]) -> torch.Tensor:
         """Logits (len(ids), V) of a single sequence (teacher-forced): the parity probe's forward."""
         t = torch.tensor([ids], device=self.embed.device)
+        self._rotary(len(ids))
         causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=t.device).tril()
-        hidden = self._forward(t, torch.arange(len(ids), device=t.device)[None], self._cache(1, len(ids)), 0, causal)
+        hidden = self._forward(t, torch.arange(len(ids), device=t.device)[None], self._cache(1, len(ids)), 0,
+                               mask=causal)
         return F.linear(hidden[0], self.lm_head)
 
     # ------------------------------------------------------------------ sampling
@@ -153,62 +163,80 @@ class LeanDecoder:
         causal = torch.ones(Tp, Tp, dtype=torch.bool, device=dev).tril()
         mask = (causal & valid[:, None, None, :Tp]) | torch.eye(Tp, dtype=torch.bool, device=dev)
         cache = self._cache(len(distinct), S)
-        logits = F.linear(self._forward(ids, pos, cache, 0, mask)[:, -1], self.lm_head).float()[of_row]
-        cache, valid, next_pos = cache[:, :, of_row], valid[of_row], pos[of_row, -1] + 1
+        self._rotary(S)
+        logits = F.linear(self._forward(ids, pos, cache, 0, mask=mask)[:, -1], self.lm_head).float()[of_row]
+        cache, blocked, next_pos = cache[:, :, of_row], ~valid[of_row], pos[of_row, -1] + 1
         rows = torch.arange(B, device=dev)  # original row of each row in the batch
         live = torch.ones(B, dtype=torch.bool, device=dev)  # not finished (finished rows stay until dropped)
         out_ids = torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)
         out_lp = torch.zeros((B, max_new_tokens), device=dev)
-        length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token, log-prob) of each step not yet in out_*
         for t in range(max_new_tokens):
-            token = _choose(logits, temperature, top_k, top_p, generator)
-            out_ids[rows, t] = token  # past a row's end these are never read
-            out_lp[rows, t] = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
-            ended = live & (token == eos_id)
-            length[rows[ended]] = t + 1
-            finished[rows[ended]] = True
-            live &= ~ended
-            if t + 1 == max_new_tokens or not bool(live.any()):
+            log_probs = torch.log_softmax(logits, dim=-1)
+            token = _choose(logits, log_probs, temperature, top_k, top_p, generator)
+            steps.append((token, log_probs.gather(-1, token[:, None])[:, 0]))
+            live &= token != eos_id
+            n_live = int(live.sum())
+            if t + 1 == max_new_tokens or n_live == 0:
                 break
-            if int((~live).sum()) * 4 >= len(live):  # drop finished rows once they are a quarter of the batch
+            if (len(live) - n_live) * 4 >= len(live):  # drop finished rows once they are a quarter of the batch
+                _write(out_ids, out_lp, rows, steps, t + 1)
+                steps = []
                 keep = live.nonzero()[:, 0]
-                rows, token, next_pos, valid, live, cache = rows[keep], token[keep], next_pos[keep], valid[keep], \
-                    live[keep], cache[:, :, keep]
+                rows, token, next_pos, blocked, live, cache = rows[keep], token[keep], next_pos[keep], \
+                    blocked[keep], live[keep], cache[:, :, keep]
             slot = Tp + t
-            valid[:, slot] = True
-            hidden = self._forward(token[:, None], next_pos[:, None], cache, slot, valid[:, None, None, : slot + 1])
+            blocked[:, slot] = False
+            hidden = self._forward(token[:, None], next_pos[:, None], cache, slot,
+                                   blocked=blocked[:, None, None, : slot + 1])
             logits = F.linear(hidden[:, -1], self.lm_head).float()
-            next_pos = next_pos + 1
+            next_pos += 1
+        _write(out_ids, out_lp, rows, steps, t + 1)
+        if not bool(torch.isfinite(out_lp).all()):
+            raise ValueError("the model's logits are not finite (NaN or inf weights or activations)")
+        # a row ends at its first eos; a finished row's later tokens (decoded until it was dropped) are not read
+        is_eos = out_ids == eos_id
+        finished = is_eos.any(dim=1)
+        length = torch.where(finished, is_eos.int().argmax(dim=1) + 1, max_new_tokens)
         ids_out, lps_out = out_ids.cpu().tolist(), out_lp.cpu().tolist()
         lengths, done_out = length.cpu().tolist(), finished.cpu().tolist()
         return ([r[:n] for r, n in zip(ids_out, lengths)], [r[:n] for r, n in zip(lps_out, lengths)], done_out)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D) under a boolean mask broadcastable to (B, 1, T, S).
+def _write(out_ids: torch.Tensor, out_lp: torch.Tensor, rows: torch.Tensor,
+           steps: list[tuple[torch.Tensor, torch.Tensor]], end: int) -> None:
+    """Store the last len(steps) steps' tokens and log-probs (batch order) at out_*[rows, end - len(steps):end]:
+    one write per stretch of steps with the same rows rather than one per step."""
+    if steps:
+        tokens, lps = zip(*steps)
+        out_ids[rows, end - len(steps) : end] = torch.stack(tokens, dim=1)
+        out_lp[rows, end - len(steps) : end] = torch.stack(lps, dim=1)
 
-    One query per row (decoding): two small batched matmuls with the softmax in float32 (as HF's eager attention),
-    several times cheaper here than a fused kernel built for long sequences. Longer queries (the prompt): SDPA."""
-    B, H, T, D = q.shape
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Attention of one query per row, q (B, H, 1, D), over k, v (B, Hkv, S, D); blocked (B, 1, 1, S) is True
+    where a key may not be read. Two small batched matmuls with the softmax in float32 (as HF's eager attention):
+    several times cheaper at this shape than a fused kernel built for long sequences."""
+    B, H, _, D = q.shape
     Hkv = k.shape[1]
-    if T > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
     q = q.view(B, Hkv, H // Hkv, D)  # the query heads that share each key/value head
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hkv, G, S)
-    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    scores = scores.masked_fill(blocked.view(B, 1, 1, -1), float("-inf"))
     probs = scores.float().softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, v).view(B, H, 1, D)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm: normalised in float32, scaled in the model's dtype (one fused op where HF takes five)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's x * cos + rotate_half(x) * sin: rotating the halves is a roll once the sin table carries the sign."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -225,9 +253,21 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
     return scores
 
 
-def _choose(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+def _choose(logits: torch.Tensor, log_probs: torch.Tensor, temperature: float, top_k: int, top_p: float,
             generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row: greedy at temperature 0, else a draw from the warped distribution (log_probs:
+    the raw one, already computed)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = warp(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if temperature == 1.0 and not top_k and top_p >= 1.0:
+        return sample_categorical(log_probs.exp(), generator)
+    return sample_categorical(warp(logits, temperature, top_k, top_p).softmax(dim=-1), generator)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of probs (N, V) by inverting its CDF: the first token whose cumulative probability exceeds
+    u * total, u ~ U[0, 1). One uniform per row where torch.multinomial draws an exponential per vocabulary entry;
+    a token of probability 0 (warped away) is never drawn, as its cumulative sum does not rise."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
