@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.models.weights import WeightSyncError, parity_report, require_parity, require_version
+from posttrain.models.weights import (PushedWeights, WeightSyncError, parity_report, require_parity,
+                                     require_version, state_of)
 from posttrain.workers.sampler import SamplerWorker
 
 
@@ -77,3 +78,33 @@ def test_stale_rollouts_and_malformed_probes_are_refused():
         require_version(2, 3)
     with pytest.raises(WeightSyncError, match="returned 2 sampler and 3 learner log-probs"):
         parity_report(1, [0.0, 0.0], [0.0, 0.0, 0.0], 1e-4)
+
+
+def test_pushed_weights_keep_every_dtype_bit_for_bit():
+    """bfloat16 (which numpy lacks) travels as its raw bits; the other dtypes as themselves."""
+    import pickle
+
+    state = {"w": torch.randn(3, 4), "b16": torch.randn(5).to(torch.bfloat16), "h": torch.randn(2, 2).half(),
+             "steps": torch.arange(4)}
+    back = state_of(pickle.loads(pickle.dumps(PushedWeights.of(state), protocol=5)))
+    assert {k: v.dtype for k, v in back.items()} == {k: v.dtype for k, v in state.items()}
+    assert all(torch.equal(back[k].view(torch.int16) if v.dtype == torch.bfloat16 else back[k],
+                           v.view(torch.int16) if v.dtype == torch.bfloat16 else v) for k, v in state.items())
+
+
+def test_a_push_through_the_object_store_is_served(ray_local, tiny_model, updated_model):
+    """The push as the loop makes it: a Ray task returns PushedWeights (read-only arrays in the object store), the
+    sampler actor loads them from the reference and its probe equals the updated model's log-probs."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    @ray.remote
+    def push(path: str) -> PushedWeights:
+        return PushedWeights.of(AutoModelForCausalLM.from_pretrained(path).state_dict())
+
+    sampler = ray.remote(SamplerWorker).remote(str(tiny_model))
+    assert ray.get(sampler.update_weights.remote(push.remote(str(updated_model)), 1)) == 1
+    version, got = ray.get(sampler.probe.remote(PROMPT, COMPLETION))
+    report = parity_report(version, got, learner_logprobs(updated_model), tolerance=1e-4)
+    assert version == 1 and report.max_abs_diff < 1e-5
+    ray.kill(sampler)

@@ -89,6 +89,7 @@ class Actors:
     verifiers: list  # when the reward or the held-out eval needs answers checked
     scorers: list  # reward-model actors when the reward comes from one
     sleep: bool = False  # colocated vLLM samplers free their GPU memory while the learners train
+    lockstep: bool = False  # ZeRO-3: every learner rank takes part in each forward (parameter gathers)
 
 
 def run_online_rl(ctx: StageContext) -> StageResult:
@@ -165,10 +166,14 @@ def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: P
     except WeightSyncError:  # samplers on different versions: a failed load says why, when there was one
         _settle(state, tolerance)
         raise
-    row = _settle(state, tolerance)  # the weights these samples came from
+    if roll.version != step:  # stale samples: a failed load's own error says why, when there was one
+        _settle(state, tolerance)
     require_version(roll.version, step)  # the weights pushed after the previous update, nothing older
+    if state.pushed is not None:
+        state.pushed.probe_samplers()  # the weights these samples came from, checked below before any training
     t_sample = time.perf_counter()
     rewards, valid, scores = score_rollouts(ctx, roll, train.rows, idx, actors.verifiers, actors.scorers)
+    row = _settle(state, tolerance)
     row.update(scores)
     samples, kept = _training_samples(train, idx, roll, valid)
     if state.probe is None and samples:  # fixed for the rest of the run; checked before any update too
@@ -221,7 +226,9 @@ def _start_actors(ctx: StageContext, stack: ExitStack, n_prompts: int, evaluates
     verifiers = (stack.enter_context(verifier_actors(recipe, recipe.data[stage.data].verifier))
                  if stage.reward.source == "verifier" or evaluates else [])
     scorers = stack.enter_context(_reward_models(ctx, demands["reward_model"])) if "reward_model" in demands else []
-    return Actors(learners, critics, samplers, verifiers, scorers, sleep), counts, start, resumed
+    lcfg = recipe.cluster.learner
+    lockstep = lcfg.backend == "deepspeed" and lcfg.zero_stage == 3
+    return Actors(learners, critics, samplers, verifiers, scorers, sleep, lockstep), counts, start, resumed
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -502,23 +509,36 @@ class Push:
     version: int
     loads: list  # each sampler's update_weights: the version it now serves
     rest: list  # the other learner ranks' part of the state gather (ZeRO-3)
-    learner_probe: list  # every rank's probe (ZeRO-3 gathers); rank 0's log-probs count. Empty: not probed
-    sampler_probes: list  # each sampler's (version served, log-probs)
+    learner_probe: list  # the probe on rank 0 (on every rank under ZeRO-3: gathers); rank 0's counts. Empty: no probe
+    sampler_probes: list  # each sampler's (version served, log-probs), once asked (probe_samplers)
+    probe_seq: tuple[list[int], list[int]] | None = None  # the samplers' probe, until asked
+    samplers: list = field(default_factory=list)
+
+    def probe_samplers(self) -> None:
+        """Ask the samplers to score the probe, if not yet. The loop asks once the next samples are back: the probe
+        then runs while the verifier scores them, not before the sampling."""
+        if self.probe_seq is not None:
+            self.sampler_probes = [s.probe.remote(*self.probe_seq) for s in self.samplers]
+            self.probe_seq = None
 
 
 def _push_weights(actors: Actors, version: int, probe: tuple[list[int], list[int]] | None = None) -> Push:
     """Learners -> samplers through Ray's object store, without waiting: every rank gathers (ZeRO-3), rank 0 holds
-    the tensors, and each sampler loads them from that one object. A Ray actor runs its calls in the order they
-    were made, so whatever is asked of the samplers next (the probe, the next step's sampling) runs on version
+    the weights, and each sampler loads them from that one object. A Ray actor runs its calls in the order they
+    were made, so whatever is asked of the samplers next (the next step's sampling, the probe) runs on version
     `version`; `_check_push` reads the outcome."""
-    refs = [lr.policy_state.remote() for lr in actors.learners]
-    loads = [s.update_weights.remote(refs[0], version) for s in actors.samplers]  # they wait for rank 0's tensors
-    return Push(version, loads, refs[1:], *(_probes(actors, probe) if probe else ([], [])))
+    refs = [lr.pushed_weights.remote() for lr in actors.learners]
+    loads = [s.update_weights.remote(refs[0], version) for s in actors.samplers]  # they wait for rank 0's weights
+    if probe is None:
+        return Push(version, loads, refs[1:], [], [])
+    return Push(version, loads, refs[1:], _probes(actors, probe)[0], [], probe, actors.samplers)
 
 
 def _probes(actors: Actors, seq: tuple[list[int], list[int]]) -> tuple[list, list]:
-    """Every learner rank (ZeRO-3 gathers) and every sampler score the probe sequence; returns their refs."""
-    return ([lr.probe.remote(*seq) for lr in actors.learners], [s.probe.remote(*seq) for s in actors.samplers])
+    """The learner (every rank under ZeRO-3: its forward gathers) and every sampler score the probe sequence;
+    returns their refs."""
+    learners = actors.learners if actors.lockstep else actors.learners[:1]
+    return [lr.probe.remote(*seq) for lr in learners], [s.probe.remote(*seq) for s in actors.samplers]
 
 
 def _tolerance(stage: OnlineRLStage, dtype: str) -> float:
@@ -535,6 +555,7 @@ def _settle(state: LoopState, tolerance: float) -> dict[str, float]:
 def _check_push(push: Push, tolerance: float) -> dict[str, float]:
     """Every sampler serves `push.version`, and (when probed) its log-probs of the probe sequence equal the
     learner's within `tolerance`; otherwise the run stops."""
+    push.probe_samplers()
     gather(push.rest)
     served = gather(push.loads)
     if any(v != push.version for v in served):

@@ -59,3 +59,49 @@ def require_version(rollout_version: int, expected: int) -> None:
         raise WeightSyncError(
             f"rollouts were sampled with weights version {rollout_version}, but the learner pushed version {expected}:"
             " a sampler missed a weight update. The run stops rather than train on stale samples.")
+
+
+@dataclass
+class PushedWeights:
+    """A weight push in the form Ray moves fastest: numpy arrays, which a sampler reads straight out of the object
+    store, where a dict of torch tensors is pickled tensor by tensor (3 MB of weights reached a sampler in 3-10 ms
+    against 10-24 ms, measured on this project's 2-core CI machine). A dtype numpy lacks (bfloat16, float8) travels
+    as its raw bits in an integer array of the same width."""
+
+    arrays: dict  # name -> numpy array
+    dtypes: dict  # name -> torch dtype name ("float32", "bfloat16", ...)
+
+    @classmethod
+    def of(cls, state: dict) -> PushedWeights:
+        import torch
+
+        raw = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        arrays, dtypes = {}, {}
+        for name, t in state.items():
+            t = t.detach().cpu().contiguous()
+            dtypes[name] = str(t.dtype).removeprefix("torch.")
+            try:
+                arrays[name] = t.numpy()
+            except TypeError:  # no numpy dtype: the same bits as integers
+                arrays[name] = t.view(raw[t.element_size()]).numpy()
+        return cls(arrays, dtypes)
+
+    def tensors(self) -> dict:
+        """The weights as torch tensors sharing the arrays' memory, for loading (copying) into a model. Arrays that
+        come out of Ray's object store are read-only: the tensors must not be written to."""
+        import warnings
+
+        import torch
+
+        out = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only arrays; loading only reads them
+            for name, a in self.arrays.items():
+                t, dtype = torch.from_numpy(a), getattr(torch, self.dtypes[name])
+                out[name] = t if t.dtype == dtype else t.view(dtype)
+        return out
+
+
+def state_of(push) -> dict:
+    """A sampler's view of a push: the state dict, whether it came as PushedWeights or as a dict of tensors."""
+    return push.tensors() if isinstance(push, PushedWeights) else push

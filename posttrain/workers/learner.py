@@ -25,6 +25,7 @@ from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.algorithms.sft import completion_nll
 from posttrain.data.batching import Example, PackedBatch, PairBatch, RLBatch, TokenBatch, pack
 from posttrain.models.shared_prefix import shared_prefix_forward
+from posttrain.models.weights import PushedWeights
 from posttrain.optim import lr_multiplier
 from posttrain.recipe.schema import LoraConfig, OptimConfig, ReferenceUpdateConfig
 
@@ -364,6 +365,11 @@ class LearnerWorker:
                     delta = sum(mod.get_delta_weight(a) for a in mod.active_adapters if a in mod.lora_A)
                     state[f"{name}.weight"] = (mod.base_layer.weight + delta).detach().cpu()
         return state
+
+    def pushed_weights(self) -> PushedWeights | None:
+        """policy_state() in the form the samplers receive it (models/weights.PushedWeights); every rank calls it."""
+        state = self.policy_state()
+        return None if state is None else PushedWeights.of(state)
 
     @torch.no_grad()
     def probe(self, prompt: list[int], completion: list[int]) -> list[float]:

@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig
 
 from posttrain.algorithms.logprobs import target_logprobs
-from posttrain.models.weights import WeightSyncError
+from posttrain.models.weights import PushedWeights, WeightSyncError, state_of
 from posttrain.recipe.schema import SamplingConfig
 from posttrain.workers.vllm_sampler import VLLMSamplerWorker
 
@@ -59,8 +59,9 @@ class SamplerWorker:
         return version
 
     @torch.no_grad()
-    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+    def update_weights(self, state: PushedWeights | dict[str, torch.Tensor], version: int) -> int:
         """Serve the learner's pushed weights (names of the base model, LoRA merged) as `version`."""
+        state = state_of(state)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or (missing := _untied(self.model, missing, state)):
             raise WeightSyncError(f"weights version {version} does not fit the sampler's model: missing {missing[:3]}, "

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from posttrain.errors import PosttrainError
-from posttrain.models.weights import WeightSyncError
+from posttrain.models.weights import PushedWeights, WeightSyncError, state_of
 from posttrain.recipe.schema import SamplingConfig
 
 if TYPE_CHECKING:
@@ -228,10 +228,11 @@ class VLLMSamplerWorker:
         self.version, self.unsynced = version, None
         return version
 
-    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+    def update_weights(self, state: PushedWeights | dict[str, torch.Tensor], version: int) -> int:
         """Load the learners' pushed weights (base-model names, LoRA merged) in place in every vLLM worker, then drop
         the prefix cache (its KV blocks were computed with the old weights). Returns the version now served."""
         require_newer(self.version, version)
+        state = state_of(state)
         if self.weight_sync == "adapter":
             raise WeightSyncError(f"weights version {version}: this sampler syncs LoRA adapters (weight_sync "
                                   "'adapter'); push the adapter directory with load_weights, not merged weights")
