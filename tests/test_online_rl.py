@@ -9,7 +9,7 @@ import torch
 
 from posttrain.algorithms.rl_objective import RLObjective
 from posttrain.algorithms.rl_config import GRPOConfig, PPOConfig
-from posttrain.data.batching import Example, RLSample, collate, collate_rl
+from posttrain.data.batching import Example, Packing, RLSample, collate, collate_rl
 from posttrain.models.weights import parity_report
 from posttrain.recipe.schema import LoraConfig, OptimConfig
 from posttrain.workers.learner import LearnerSpec, LearnerWorker
@@ -60,6 +60,22 @@ def test_update_is_the_same_for_any_micro_batch_split(tiny_model, aggregation):
     # metrics come back as sums over tokens (the driver divides once over all ranks); extremes as extremes
     assert out1["kl"] == 0.0 and out1["ratio_mean"] == pytest.approx(out1["tokens"]) and out1["tokens"] == 14
     assert out1["is_ratio_max"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_micro_batches_sent_as_samples_are_collated_by_the_learner(tiny_model):
+    """The loop sends samples and the packing (lists cross Ray faster than tensors): the same update as the batch
+    collated beforehand, shared-prefix layout included; samples without a packing are refused."""
+    obj = RLObjective("grpo", GRPOConfig(beta=0.04))
+    packing = Packing(pad_id=0, shared_prefix=True)
+    given, collating = _learner(tiny_model, gas=1, mbs=4, beta=0.04), _learner(tiny_model, gas=1, mbs=4, beta=0.04)
+    samples = _samples(given)
+    out1 = given.rl_step(0, [packing.batch(samples)], _totals(samples), obj)
+    out2 = collating.rl_step(0, [samples], _totals(samples), obj, packing=packing)
+    assert out1["loss_sum"] == out2["loss_sum"] and out1["grad_norm"] == out2["grad_norm"]
+    for (name, a), b in zip(_params(given).items(), _params(collating).values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="need the packing"):
+        collating.rl_step(1, [samples], _totals(samples), obj)
 
 
 def test_ppo_ptx_adds_coef_times_the_sft_gradient_for_any_split(tiny_model):

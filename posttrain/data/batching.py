@@ -416,3 +416,32 @@ def deal_groups(samples: list[RLSample], world: int, gas: int) -> list[list[list
             room[m] -= len(part)
             load[m] += cost(part)
     return [[micro[m] for m in range(r, M, world)] for r in range(world)]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How online RL lays out the learners' micro-batches.
+
+    shared_prefix: every model the learners hold runs models/shared_prefix.py exactly, so each micro-batch lays out
+    a prompt once for all its completions (groups of 8, 8-token prompts, about 25-token completions: the learners'
+    compute per step fell by about a quarter in the GRPO benchmark on CPU). Otherwise rows as long as the longest
+    sequence: no row's attention spans more than that (longer rows cost more in attention than their padding saved,
+    on CPU)."""
+
+    pad_id: int
+    shared_prefix: bool
+
+    def batch(self, samples: list[RLSample]) -> RLBatch:
+        if self.shared_prefix:
+            return collate_rl(samples, self.pad_id, None, shared_prefix=True)
+        return collate_rl(samples, self.pad_id, max(len(s.prompt) + len(s.completion) for s in samples))
+
+    def deal(self, samples: list[RLSample], world: int, gas: int) -> list[list[list[RLSample]]]:
+        return deal_groups(samples, world, gas) if self.shared_prefix else deal_even(samples, world, gas)
+
+    def order(self, samples: list[RLSample]) -> list[int]:
+        """Sample indices with each prompt's samples together (shared prefix), else by length."""
+        if self.shared_prefix:
+            first: dict[tuple[int, ...], int] = {}
+            return sorted(range(len(samples)), key=lambda i: first.setdefault(tuple(samples[i].prompt), i))
+        return sorted(range(len(samples)), key=lambda i: len(samples[i].prompt) + len(samples[i].completion))

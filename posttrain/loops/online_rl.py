@@ -27,8 +27,8 @@ from posttrain.algorithms.ppo import gae, token_rewards, whiten
 from posttrain.algorithms.rl_objective import RLObjective
 from posttrain.algorithms.running_stats import RunningMoments
 from posttrain.cluster import Demand, gather, round_robin, spawn, stage_phases
-from posttrain.data.batching import (Example, RLBatch, RLSample, collate, collate_rl, deal_even, deal_groups,
-                                     encode_prompt, pad_rows, step_indices)
+from posttrain.data.batching import (Example, Packing, RLBatch, RLSample, collate, collate_rl, deal_even,
+                                     deal_groups, encode_prompt, pad_rows, step_indices)
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.loops.evaluate import evaluate_policy, sample, sampler_actors, verifier_actors, verify
@@ -375,34 +375,6 @@ def _ppo_advantages(stage, critics, samples, scores, state: LoopState, packing: 
             "return_mean": returns[m].mean().item(), "advantage_abs_mean": adv[m].abs().mean().item()}
 
 
-@dataclass(frozen=True)
-class Packing:
-    """How the loop lays out the learners' micro-batches.
-
-    shared_prefix: every model the learners hold runs models/shared_prefix.py exactly, so each micro-batch lays out
-    a prompt once for all its completions (groups of 8, 8-token prompts, about 25-token completions: the learners'
-    compute per step fell by about a quarter in the GRPO benchmark on CPU). Otherwise rows as long as the longest sequence: no row's
-    attention spans more than that (longer rows cost more in attention than their padding saved, on CPU)."""
-
-    pad_id: int
-    shared_prefix: bool
-
-    def batch(self, samples: list[RLSample]) -> RLBatch:
-        if self.shared_prefix:
-            return collate_rl(samples, self.pad_id, None, shared_prefix=True)
-        return collate_rl(samples, self.pad_id, max(len(s.prompt) + len(s.completion) for s in samples))
-
-    def deal(self, samples: list[RLSample], world: int, gas: int) -> list[list[list[RLSample]]]:
-        return deal_groups(samples, world, gas) if self.shared_prefix else deal_even(samples, world, gas)
-
-    def order(self, samples: list[RLSample]) -> list[int]:
-        """Sample indices with each prompt's samples together (shared prefix), else by length."""
-        if self.shared_prefix:
-            first: dict[tuple[int, ...], int] = {}
-            return sorted(range(len(samples)), key=lambda i: first.setdefault(tuple(samples[i].prompt), i))
-        return sorted(range(len(samples)), key=lambda i: len(samples[i].prompt) + len(samples[i].completion))
-
-
 def shared_prefix_supported(*model_paths: str) -> bool:
     """Whether every model (a directory with config.json, or a LoRA adapter over one) runs the shared-prefix
     attention exactly: the architectures the lean decoder runs."""
@@ -450,7 +422,7 @@ def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, sample
         order = rng.permutation(len(samples)) if stage.mini_batches > 1 else np.arange(len(samples))
         for part in np.array_split(order, stage.mini_batches):
             mb_samples = [samples[i] for i in part]
-            batches = [[packing.batch(m) for m in rank] for rank in packing.deal(mb_samples, world, gas)]
+            batches = packing.deal(mb_samples, world, gas)  # [rank][micro-batch] samples, collated by the ranks
             totals = {"seqs": float(len(mb_samples)), "tokens": float(sum(len(s.completion) for s in mb_samples))}
             lm = [None] * world
             if ptx:
@@ -460,8 +432,10 @@ def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, sample
                       for rank in deal_even(rows, world, gas, _example_length)]
                 totals["ptx_tokens"] = float(sum(b.n_target_tokens for rank in lm for b in rank))
             seed_u = step * 1000 + n_updates
-            refs = [lr.rl_step.remote(seed_u, batches[r], totals, objective, lm[r]) for r, lr in enumerate(learners)]
-            refs += [c.value_step.remote(seed_u, batches[r], totals, objective.ppo) for r, c in enumerate(critics)]
+            refs = [lr.rl_step.remote(seed_u, batches[r], totals, objective, lm[r], packing)
+                    for r, lr in enumerate(learners)]
+            refs += [c.value_step.remote(seed_u, batches[r], totals, objective.ppo, packing)
+                     for r, c in enumerate(critics)]
             outs = gather(refs)
             policy, value = outs[:world], outs[world:]
             if not all(o["applied"] for o in outs):

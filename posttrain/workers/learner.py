@@ -23,7 +23,7 @@ import torch
 
 from posttrain.algorithms.logprobs import target_logprobs
 from posttrain.algorithms.sft import completion_nll
-from posttrain.data.batching import Example, PackedBatch, PairBatch, RLBatch, TokenBatch, pack
+from posttrain.data.batching import Example, PackedBatch, Packing, PairBatch, RLBatch, RLSample, TokenBatch, pack
 from posttrain.models.shared_prefix import shared_prefix_forward
 from posttrain.models.weights import PushedWeights
 from posttrain.optim import lr_multiplier
@@ -258,8 +258,8 @@ class LearnerWorker:
             out.append(res)
         return out
 
-    def rl_step(self, step: int, batches: list[RLBatch], totals: dict[str, float], objective,
-                ptx: list[TokenBatch] | None = None) -> dict[str, float]:
+    def rl_step(self, step: int, batches: list[RLBatch] | list[list[RLSample]], totals: dict[str, float], objective,
+                ptx: list[TokenBatch] | None = None, packing: Packing | None = None) -> dict[str, float]:
         """One optimizer step of the RL objective (algorithms/rl_objective.py) over this rank's micro-batches.
 
         Samples without old_logps are on-policy (one update per rollout): this forward is the old policy. Without
@@ -269,12 +269,14 @@ class LearnerWorker:
 
         ptx (PPO-ptx): one supervised micro-batch per RL micro-batch; ppo.ptx_coef x their mean NLL over all ranks
         (totals["ptx_tokens"] target tokens) joins the loss, so the update is grad(RL loss) + coef grad(mean NLL).
+        Micro-batches may come as samples, collated here with `packing` (_collated).
         """
         from posttrain.algorithms.ppo import entropy_from_logits
         from posttrain.algorithms.rl_objective import rl_loss
 
         assert len(batches) == self.spec.micro_batches_per_step, "every rank must run the same number of micro-batches"
         t0 = time.perf_counter()
+        batches = _collated(batches, packing)
         torch.manual_seed(self.spec.seed * 1_000_003 + step * 4099 + self.rank)
         self.engine.train()
         scale = self.world_size * len(batches) / max(1.0, totals[objective.normaliser])
@@ -323,11 +325,13 @@ class LearnerWorker:
             hidden = backbone(**inputs).last_hidden_state  # (R, T, H), after the final norm
         return model.score(tokens.kept(hidden)).squeeze(-1).float()
 
-    def value_step(self, step: int, batches: list[RLBatch], totals: dict[str, float], cfg) -> dict[str, float]:
+    def value_step(self, step: int, batches: list[RLBatch] | list[list[RLSample]], totals: dict[str, float], cfg,
+                   packing: Packing | None = None) -> dict[str, float]:
         """One optimizer step of PPO's (clipped) value loss, token mean over the minibatch (head="value")."""
         from posttrain.algorithms.ppo import value_loss
 
         assert len(batches) == self.spec.micro_batches_per_step, "every rank must run the same number of micro-batches"
+        batches = _collated(batches, packing)
         self.engine.train()
         scale = self.world_size * len(batches) / max(1.0, totals["tokens"])
         sums: dict[str, float] = {}
@@ -434,6 +438,16 @@ def _per_sequence(mb: RLBatch, flat: torch.Tensor) -> list[list[float]]:
     padded, mask = mb.padded(flat.float())
     lengths = mask.sum(-1).long().tolist()
     return [row[:n] for row, n in zip(padded.tolist(), lengths)]
+
+
+def _collated(batches: list, packing: Packing | None) -> list[RLBatch]:
+    """Micro-batches as RLBatches. The loop sends samples: plain lists cross Ray several times faster than a
+    batch's tensors (1.5 ms against 5-6 ms for 64 samples here), and the ranks collate in parallel."""
+    if all(isinstance(b, RLBatch) for b in batches):
+        return batches
+    if packing is None:
+        raise ValueError("micro-batches of samples need the packing that collates them")
+    return [b if isinstance(b, RLBatch) else packing.batch(b) for b in batches]
 
 
 def _no_grad(fn, *args):
