@@ -2,6 +2,7 @@
 
     python benchmarks/grpo_vs_trl.py [--steps 8] [--prompts-per-step 16] [--group 8] [--max-new-tokens 40]
                                      [--lr 3e-5] [--beta 0.04] [--threads 2] [--model DIR] [--only trl|posttrain]
+                                     [--repeats 1]
 
 One invocation saves a model once (by default posttrain's random tiny Llama, ~0.8M parameters, char tokenizer; or
 `--model DIR`, e.g. an SFT checkpoint whose rewards vary) and the arithmetic task's pool of steps x prompts-per-step
@@ -13,12 +14,14 @@ KL beta to the starting policy).
 TRL:       GRPOTrainer in one process with `--threads` torch threads: HF generate, reward function, reference and
            policy forwards and backward in that process. A step is timed from on_step_begin to on_step_end
            (generation, rewards, loss, backward, clipping, optimizer); logging after a step is left out.
-posttrain: `posttrain run` on a generated recipe: embedded Ray, 2 DeepSpeed ZeRO-2 learners, 2 HF samplers and a
+posttrain: `posttrain run` on a generated recipe: embedded Ray, 2 DeepSpeed learners (ZeRO stage 0: plain data
+           parallelism), 2 HF samplers and a
            verifier on `--threads` CPUs (Ray num_cpus). A step is the grpo loop's own `step_s` (sample + reward +
            update + weight sync).
 
 Seconds per step are the median and mean over the steps after the first (warm-up); completions/s is completions per
-step over step seconds. Left out on both sides: model loading, tokenisation, trainer / cluster construction. The
+step over step seconds. `--repeats R` runs both sides R times, alternating which goes first (a shared machine's
+speed drifts by tens of percent over minutes), and reports every run and the median over runs. Left out on both sides: model loading, tokenisation, trainer / cluster construction. The
 posttrain process's whole wall time (Ray start-up, actors, model loads, the final checkpoint) is shown on its own
 line. Each side runs in its own spawned process; posttrain's pipeline runs in a subprocess of that.
 """
@@ -167,7 +170,9 @@ def recipe(job: dict) -> dict:
         "data": {"arithmetic": {"task": "arithmetic", "arithmetic": arithmetic_config(job["n_pool"]),
                                 "verifier": VERIFIER}},
         "cluster": {"address": "local", "num_cpus": job["threads"],
-                    "learner": {"actors": 2, "cpus": 1, "backend": "deepspeed", "zero_stage": 2},
+                    # plain data parallelism: at 0.8M parameters ZeRO's partitioning costs more than it saves
+                    # (ZeRO-2's gradient hooks and parameter gather: ~10 ms a step more here)
+                    "learner": {"actors": 2, "cpus": 1, "backend": "deepspeed", "zero_stage": 0},
                     "sampler": {"actors": 2, "cpus": 1, "backend": "hf", "batch_size": 512},
                     "verifier": {"actors": 1, "cpus": 0}},
         "tracking": {"wandb": False, "report": False},
@@ -229,30 +234,45 @@ def run_posttrain(job: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def report(results: list[dict], args: argparse.Namespace, model_desc: str, wall_s: float) -> None:
+def report(runs: list[list[dict]], args: argparse.Namespace, model_desc: str, wall_s: float) -> None:
+    """runs: one list of results per repeat."""
     n = args.prompts_per_step * args.group
     print(f"\nGRPO on CPU, {model_desc}: {args.steps} steps x {args.prompts_per_step} prompts x {args.group} "
           f"completions ({n}/step), <= {args.max_new_tokens} new tokens, beta {args.beta}, lr {args.lr}, "
           f"{args.threads} threads")
     print("s/step and completions/s: median over the steps after the first\n")
-    head = (f"{'side':<10} {'s/step med':>10} {'s/step mean':>11} {'compl/s':>8} {'first s':>8} "
+    head = (f"{'side':<10} {'run':>3} {'s/step med':>10} {'s/step mean':>11} {'compl/s':>8} {'first s':>8} "
             f"{'reward 1st':>10} {'last':>6}")
     print(head)
     print("-" * len(head))
-    ok = [r for r in results if "error" not in r]
-    for r in ok:
-        print(f"{r['name']:<10} {r['median_s']:>10.2f} {r['mean_s']:>11.2f} {r['completions_per_s']:>8.1f} "
-              f"{r['first_s']:>8.2f} {r['reward_first']:>10.3f} {r['reward_last']:>6.3f}")
-    for r in results:
-        if "wall_s" in r:
-            print(f"\nposttrain process wall time, incl. Ray start-up, actors, model loads and checkpoint: "
-                  f"{r['wall_s']:.1f} s for {r['steps']} steps")
-        if "error" in r:
-            print(f"\n{r['name']} FAILED: {r['error']}")
-    by_name = {r["name"]: r for r in ok}
-    if {"TRL", "posttrain"} <= by_name.keys():
-        print(f"\nspeed-up (TRL s/step / posttrain s/step, medians): "
-              f"{by_name['TRL']['median_s'] / by_name['posttrain']['median_s']:.2f}x")
+    for i, results in enumerate(runs, 1):
+        for r in results:
+            if "error" not in r:
+                print(f"{r['name']:<10} {i:>3} {r['median_s']:>10.2f} {r['mean_s']:>11.2f} "
+                      f"{r['completions_per_s']:>8.1f} {r['first_s']:>8.2f} {r['reward_first']:>10.3f} "
+                      f"{r['reward_last']:>6.3f}")
+    for i, results in enumerate(runs, 1):
+        for r in results:
+            if "wall_s" in r:
+                print(f"\nposttrain process wall time (run {i}), incl. Ray start-up, actors, model loads and "
+                      f"checkpoint: {r['wall_s']:.1f} s for {r['steps']} steps")
+            if "error" in r:
+                print(f"\n{r['name']} FAILED (run {i}): {r['error']}")
+    medians: dict[str, list[float]] = {}
+    ratios = []
+    for results in runs:
+        by_name = {r["name"]: r for r in results if "error" not in r}
+        for name, r in by_name.items():
+            medians.setdefault(name, []).append(r["median_s"])
+        if {"TRL", "posttrain"} <= by_name.keys():
+            ratios.append(by_name["TRL"]["median_s"] / by_name["posttrain"]["median_s"])
+    if ratios:
+        print("\nspeed-up (TRL s/step / posttrain s/step, medians): "
+              + ", ".join(f"{x:.2f}x" for x in ratios))
+    if len(runs) > 1 and {"TRL", "posttrain"} <= medians.keys():
+        trl, post = statistics.median(medians["TRL"]), statistics.median(medians["posttrain"])
+        print(f"over {len(runs)} runs: TRL {trl:.3f} s/step, posttrain {post:.3f} s/step (medians of the runs' "
+              f"medians): {trl / post:.2f}x; median of the runs' speed-ups {statistics.median(ratios):.2f}x")
     print(f"benchmark wall time: {wall_s:.0f} s")
 
 
@@ -267,7 +287,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="TRL's torch threads; posttrain's Ray num_cpus")
     ap.add_argument("--model", help="existing HF model dir (default: build posttrain's random tiny Llama)")
     ap.add_argument("--only", choices=["trl", "posttrain"], help="run one side only")
+    ap.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating the order")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     if args.group < 2 or args.prompts_per_step * args.group % 2:
         ap.error("--group must be >= 2 and prompts-per-step x group even (two learners)")
     t_start = time.perf_counter()
@@ -284,9 +307,14 @@ def main() -> None:
         job = {"model_dir": model_dir, "n_pool": n_pool, "rows": load_pool(n_pool), "steps": args.steps,
                "prompts_per_step": args.prompts_per_step, "group": args.group,
                "max_new_tokens": args.max_new_tokens, "lr": args.lr, "beta": args.beta, "threads": args.threads}
-        runners = {"trl": run_trl, "posttrain": run_posttrain}
-        results = [in_child(fn, job) for side, fn in runners.items() if args.only in (None, side)]
-    report(results, args, model_desc, time.perf_counter() - t_start)
+        sides = [(side, fn) for side, fn in (("trl", run_trl), ("posttrain", run_posttrain))
+                 if args.only in (None, side)]
+        runs = []
+        for i in range(args.repeats):
+            order = sides if i % 2 == 0 else sides[::-1]
+            results = {side: in_child(fn, job) for side, fn in order}
+            runs.append([results[side] for side, _ in sides])
+    report(runs, args, model_desc, time.perf_counter() - t_start)
 
 
 if __name__ == "__main__":
