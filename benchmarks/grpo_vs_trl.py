@@ -15,9 +15,8 @@ TRL:       GRPOTrainer in one process with `--threads` torch threads: HF generat
            policy forwards and backward in that process. A step is timed from on_step_begin to on_step_end
            (generation, rewards, loss, backward, clipping, optimizer); logging after a step is left out.
 posttrain: `posttrain run` on a generated recipe: embedded Ray, 2 DeepSpeed learners (ZeRO stage 0: plain data
-           parallelism), 2 HF samplers and a
-           verifier on `--threads` CPUs (Ray num_cpus). A step is the grpo loop's own `step_s` (sample + reward +
-           update + weight sync).
+           parallelism), 2 HF samplers and a verifier on `--threads` CPUs (Ray num_cpus). A step is the grpo loop's
+           own `step_s` (sample + reward + update + weight sync).
 
 Seconds per step are the median and mean over the steps after the first (warm-up); completions/s is completions per
 step over step seconds. `--repeats R` runs both sides R times, alternating which goes first (a shared machine's
