@@ -184,13 +184,22 @@ def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: P
         gather([s.sleep.remote() for s in actors.samplers])
     row.update(_advantages(stage, actors, samples, rewards[kept], roll, kept, state, packing))
     t_adv = time.perf_counter()
-    row.update(_update(stage, objective, actors, samples, packing, step, ptx, recipe.seed))
+    probe = state.probe is not None and (step + 1) % stage.sync.probe_every == 0
+    pushed: list[Push] = []
+
+    def push() -> None:  # dispatched behind the last update: each rank hands over its weights as soon as it is done
+        pushed.append(_push_weights(actors, step + 1, state.probe if probe else None))
+
+    # colocated vLLM samplers wake up (below) before they can load weights
+    row.update(_update(stage, objective, actors, samples, packing, step, ptx, recipe.seed,
+                       then=None if actors.sleep else push))
     state.bad_in_a_row = state.bad_in_a_row + 1 if row["skipped_updates"] else 0
     t_learn = time.perf_counter()
     if actors.sleep:
         gather([s.wake_up.remote() for s in actors.samplers])
-    probe = state.probe is not None and (step + 1) % stage.sync.probe_every == 0
-    state.pushed = _push_weights(actors, step + 1, state.probe if probe else None)
+    if not pushed:  # no update this step (too few usable samples), or the samplers were asleep
+        push()
+    state.pushed = pushed[0]
     t_end = time.perf_counter()
     mean_len = float(np.mean([len(c) for c in roll.completion_ids]))
     state.first_length = state.first_length or mean_len
@@ -403,10 +412,11 @@ def _fill(actors, samples: list[RLSample], mbs: int, packing: Packing) -> None:
 
 
 def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, samples: list[RLSample], packing: Packing,
-            step: int, ptx: list[Example] | None = None, seed: int = 0) -> dict[str, float]:
+            step: int, ptx: list[Example] | None = None, seed: int = 0, then=None) -> dict[str, float]:
     """`epochs` passes of `mini_batches` optimizer steps over the rollout; the critic takes the same minibatches.
     With PPO-ptx each optimizer step also takes the next ptx.batch_size supervised sequences (a pure function of
-    the optimizer step, so a resumed run sees the same ones)."""
+    the optimizer step, so a resumed run sees the same ones). `then()` is called once the last update is
+    dispatched, before its results are awaited."""
     learners, critics = actors.learners, actors.critics
     world = len(learners)
     gas = stage.batch_size // (world * stage.micro_batch_size)
@@ -436,6 +446,8 @@ def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, sample
                     for r, lr in enumerate(learners)]
             refs += [c.value_step.remote(seed_u, batches[r], totals, objective.ppo, packing)
                      for r, c in enumerate(critics)]
+            if then is not None and n_updates + 1 == stage.epochs * stage.mini_batches:
+                then()
             outs = gather(refs)
             policy, value = outs[:world], outs[world:]
             if not all(o["applied"] for o in outs):
