@@ -170,7 +170,7 @@ def _rl_step(ctx: StageContext, actors: Actors, objective: RLObjective, train: P
         _settle(state, tolerance)
     require_version(roll.version, step)  # the weights pushed after the previous update, nothing older
     if state.pushed is not None:
-        state.pushed.probe_samplers()  # the weights these samples came from, checked below before any training
+        state.pushed.ask_probes()  # the weights these samples came from, checked below before any training
     t_sample = time.perf_counter()
     rewards, valid, scores = score_rollouts(ctx, roll, train.rows, idx, actors.verifiers, actors.scorers)
     row = _settle(state, tolerance)
@@ -496,15 +496,15 @@ class Push:
     loads: list  # each sampler's update_weights: the version it now serves
     rest: list  # the other learner ranks' part of the state gather (ZeRO-3)
     learner_probe: list  # the probe on rank 0 (on every rank under ZeRO-3: gathers); rank 0's counts. Empty: no probe
-    sampler_probes: list  # each sampler's (version served, log-probs), once asked (probe_samplers)
-    probe_seq: tuple[list[int], list[int]] | None = None  # the samplers' probe, until asked
-    samplers: list = field(default_factory=list)
+    sampler_probes: list  # each sampler's (version served, log-probs)
+    probe_seq: tuple[list[int], list[int]] | None = None  # the probe, until asked (ask_probes)
+    actors: Actors | None = None
 
-    def probe_samplers(self) -> None:
-        """Ask the samplers to score the probe, if not yet. The loop asks once the next samples are back: the probe
-        then runs while the verifier scores them, not before the sampling."""
+    def ask_probes(self) -> None:
+        """Have the learner and the samplers score the probe, if not yet. The loop asks once the next samples are
+        back: the probes then run while the verifier scores them, neither before nor during the sampling."""
         if self.probe_seq is not None:
-            self.sampler_probes = [s.probe.remote(*self.probe_seq) for s in self.samplers]
+            self.learner_probe, self.sampler_probes = _probes(self.actors, self.probe_seq)
             self.probe_seq = None
 
 
@@ -515,9 +515,7 @@ def _push_weights(actors: Actors, version: int, probe: tuple[list[int], list[int
     `version`; `_check_push` reads the outcome."""
     refs = [lr.pushed_weights.remote() for lr in actors.learners]
     loads = [s.update_weights.remote(refs[0], version) for s in actors.samplers]  # they wait for rank 0's weights
-    if probe is None:
-        return Push(version, loads, refs[1:], [], [])
-    return Push(version, loads, refs[1:], _probes(actors, probe)[0], [], probe, actors.samplers)
+    return Push(version, loads, refs[1:], [], [], probe, actors if probe is not None else None)
 
 
 def _probes(actors: Actors, seq: tuple[list[int], list[int]]) -> tuple[list, list]:
@@ -541,7 +539,7 @@ def _settle(state: LoopState, tolerance: float) -> dict[str, float]:
 def _check_push(push: Push, tolerance: float) -> dict[str, float]:
     """Every sampler serves `push.version`, and (when probed) its log-probs of the probe sequence equal the
     learner's within `tolerance`; otherwise the run stops."""
-    push.probe_samplers()
+    push.ask_probes()
     gather(push.rest)
     served = gather(push.loads)
     if any(v != push.version for v in served):
