@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -412,7 +413,8 @@ def _fill(actors, samples: list[RLSample], mbs: int, packing: Packing) -> None:
 
 
 def _update(stage: OnlineRLStage, objective: RLObjective, actors: Actors, samples: list[RLSample], packing: Packing,
-            step: int, ptx: list[Example] | None = None, seed: int = 0, then=None) -> dict[str, float]:
+            step: int, ptx: list[Example] | None = None, seed: int = 0,
+            then: Callable[[], None] | None = None) -> dict[str, float]:
     """`epochs` passes of `mini_batches` optimizer steps over the rollout; the critic takes the same minibatches.
     With PPO-ptx each optimizer step also takes the next ptx.batch_size supervised sequences (a pure function of
     the optimizer step, so a resumed run sees the same ones). `then()` is called once the last update is
