@@ -6,8 +6,8 @@ the model's own parameters with a preallocated KV cache written in place, q/k/v 
 one matmul each, a rotary table computed once, and finished rows dropped from the batch; the rest is the model's
 arithmetic, op for op (RMSNorm in float32, rotary, attention, SwiGLU). A step's tokens are kept until the batch
 changes and written then, and where a row ended is read from its tokens at the end. On the quickstart's model,
-64 completions take 30% less time than with generate (0.099 s against 0.140 s, one thread). Its log-probs match a teacher-forced HF forward to float
-rounding; the tests check that and greedy equality with `generate`.
+64 completions take 30% less time than with generate (0.099 s against 0.140 s, one thread). Its log-probs match a
+teacher-forced HF forward to float rounding; the tests check that and greedy equality with `generate`.
 
 Sampling follows HF's warpers and their order (temperature, then top-k, then top-p), draws by inverting each row's
 CDF with one uniform, and records each token's log-prob under the unmodified distribution, as the sampler contract
