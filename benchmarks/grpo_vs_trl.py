@@ -20,9 +20,10 @@ posttrain: `posttrain run` on a generated recipe: embedded Ray, 2 DeepSpeed lear
 
 Seconds per step are the median and mean over the steps after the first (warm-up); completions/s is completions per
 step over step seconds. `--repeats R` runs both sides R times, alternating which goes first (a shared machine's
-speed drifts by tens of percent over minutes), and reports every run and the median over runs. Left out on both sides: model loading, tokenisation, trainer / cluster construction. The
-posttrain process's whole wall time (Ray start-up, actors, model loads, the final checkpoint) is shown on its own
-line. Each side runs in its own spawned process; posttrain's pipeline runs in a subprocess of that.
+speed drifts by tens of percent over minutes), and reports every run and the median over runs. Left out on both
+sides: model loading, tokenisation, trainer / cluster construction. The posttrain process's whole wall time (Ray
+start-up, actors, model loads, the final checkpoint) is shown on its own line. Each side runs in its own spawned
+process; posttrain's pipeline runs in a subprocess of that.
 """
 
 from __future__ import annotations
