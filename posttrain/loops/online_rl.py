@@ -111,7 +111,7 @@ def run_online_rl(ctx: StageContext) -> StageResult:
     with ExitStack() as stack:
         actors, counts, start, resumed = _start_actors(ctx, stack, len(train.keep), held_out is not None)
         state = LoopState.load(resumed)
-        if state.probe is not None:  # resumed: the samplers loaded the checkpoint; checked before they sample
+        if state.probe is not None:  # resumed: the samplers loaded the checkpoint; probed before they sample
             state.pushed = Push(start, [], [], *_probes(actors, state.probe))
         tolerance = _tolerance(stage, ctx.recipe.model.dtype)
         metrics: dict[str, float] = {}
