@@ -384,7 +384,8 @@ def _worker_env() -> dict[str, str]:
     # Quiet workers: no per-load progress bars or load reports from every actor.
     env = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"}
-    for key in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE"):
+    for key in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE", "CXX",
+                "POSTTRAIN_CPU_KERNELS", "POSTTRAIN_KERNEL_CACHE"):
         if key in os.environ:
             env[key] = os.environ[key]
     for key, value in GLIBC_MALLOC.items():

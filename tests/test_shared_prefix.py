@@ -4,6 +4,8 @@ gradients equal to each sequence run alone through transformers, the learner's u
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from small_models import small_model
@@ -46,7 +48,7 @@ def test_layout_lays_each_prompt_out_once():
     seg = b.segments
     # sequence 2's one query sees its prompt's copy and itself, nothing of sequence 0's completion (position 4)
     assert seg.query_index[2, :1].tolist() == [7] and seg.key_index[2].tolist() == [0, 1, 2, 3, 7]
-    assert seg.mask[2, 0, 0].tolist() == [True] * 5
+    assert seg.visible[2, :1].tolist() == [5] and seg.mask()[2, 0, 0].tolist() == [True] * 5
     assert sorted(seg.inverse.tolist()) == sorted(set(seg.inverse.tolist()))  # every position owned exactly once
 
 
@@ -75,9 +77,9 @@ def test_log_probs_and_gradients_equal_each_sequence_alone(kind):
     (got * weights).sum().backward()
     for k, v in model.named_parameters():
         torch.testing.assert_close(v.grad, grads[k], atol=1e-6, rtol=1e-6, msg=k)
-    # the test can fail: a completion that may also see its group's earlier completions scores differently
+    # the test can fail: a query that also sees its sequence's later tokens scores differently
     seg = b.segments
-    seg.mask[:] = seg.mask | (seg.key_index[:, None, None, :] < seg.query_index[:, None, :, None])
+    seg.visible[:] = torch.where(seg.visible > 0, seg.n_keys[:, None], 0)
     with torch.no_grad():
         assert (logps(b) - expected).abs().max() > 1e-3
 
@@ -142,3 +144,63 @@ def test_shared_prefix_is_used_only_for_the_models_it_runs_exactly(tiny_model, t
     assert shared_prefix_supported(str(tiny_model))
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=48).save_pretrained(tmp_path / "gpt2")
     assert not shared_prefix_supported(str(tiny_model), str(tmp_path / "gpt2"))
+
+
+def _direct_attention(q, k, v, seg, scale):
+    """Each owned query's softmax over the keys it sees, one at a time in float64: the definition."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k.shape[1]
+    for s in range(seg.query_index.shape[0]):
+        for i in range(int(seg.n_queries[s])):
+            r, keys = int(seg.query_index[s, i]), seg.key_index[s, : int(seg.visible[s, i])]
+            for h in range(q.shape[1]):
+                kh, vh = k[keys, h // group].double(), v[keys, h // group].double()
+                out[r, h] = torch.softmax(kh @ q[r, h].double() * scale, dim=0) @ vh
+    return out
+
+
+def test_cpu_kernel_equals_the_definition_and_torchs_attention():
+    import shutil
+
+    from posttrain import kernels
+    from posttrain.models.shared_prefix import kernel_attention, torch_attention
+
+    if kernels.load("shared_prefix_attention") is None:
+        assert shutil.which("g++") is None and not os.environ.get("CXX"), "a compiler is here: the kernel must build"
+        pytest.skip("no C++ compiler: torch's attention runs instead")
+    seg = pack_shared_prefix([Example(p + c, len(p)) for p, c in SEQS]).segments
+    N = int(seg.inverse.numel())
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(N, h, 32, generator=gen, requires_grad=True) for h in (4, 2, 2))  # grouped-query heads
+    grad_out = torch.randn(N, 4, 32, generator=gen)
+    scale = 32**-0.5
+
+    got = kernel_attention(q, k, v, seg, scale)
+    torch.testing.assert_close(got.double(), _direct_attention(q, k, v, seg, scale), atol=2e-6, rtol=0)
+    torch.testing.assert_close(got, torch_attention(q, k, v, seg, scale), atol=2e-6, rtol=0)
+    # gradients against autograd through the float64 definition (prompt keys collect from every sequence's queries)
+    grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    expected = torch.autograd.grad(_direct_attention(q, k, v, seg, scale), (q, k, v), grad_out.double())
+    for name, a, b in zip("qkv", grads, expected):
+        torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=1e-5, msg=name)
+    # the test can fail: seeing one more key (a sequence's next token) changes the output
+    seg.visible[:] = torch.where((seg.visible > 0) & (seg.visible < seg.n_keys[:, None]), seg.visible + 1, seg.visible)
+    assert (kernel_attention(q, k, v, seg, scale) - got).abs().max() > 1e-2
+
+
+def test_kernel_loader_falls_back_to_torch_without_a_working_compiler(monkeypatch, tmp_path, caplog):
+    from posttrain import kernels
+
+    monkeypatch.setenv("POSTTRAIN_KERNEL_CACHE", str(tmp_path))  # nothing cached: it must build
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    kernels.load.cache_clear()
+    try:
+        assert kernels.load("shared_prefix_attention") is None
+        assert "could not build the shared_prefix_attention kernel" in caplog.text and not list(tmp_path.iterdir())
+        monkeypatch.delenv("CXX")
+        monkeypatch.setenv("POSTTRAIN_CPU_KERNELS", "0")
+        kernels.load.cache_clear()
+        assert kernels.load("shared_prefix_attention") is None  # switched off: not even built
+        assert not list(tmp_path.iterdir())
+    finally:
+        kernels.load.cache_clear()
