@@ -14,7 +14,13 @@ from posttrain.models.decode import LeanDecoder, sample_categorical, unsupported
 
 
 def _model(kind: str):
-    model = small_model(kind)
+    if kind == "llama_hd32":  # head size 32: the C++ decode-attention kernel runs (float32, CPU)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**{**SMALL, "num_attention_heads": 2}, num_key_value_heads=1))
+    else:
+        model = small_model(kind)
     model.eval()
     # Random weights rarely pick EOS: make it outbid the token greedy decoding picks most after the first few steps,
     # so rows end at different steps.
@@ -34,7 +40,7 @@ def _teacher_forced(model, prompt: list[int], completion: list[int]) -> torch.Te
         return token_logprobs(model(full).logits, full)[0, len(prompt) - 1 :]
 
 
-@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2", "llama_hd32"])
 def test_greedy_equals_generate_and_log_probs_equal_a_teacher_forced_forward(kind):
     model = _model(kind)
     assert unsupported_reason(model) is None
@@ -47,7 +53,7 @@ def test_greedy_equals_generate_and_log_probs_equal_a_teacher_forced_forward(kin
     assert any(done) and len({len(r) for r in ids}) > 1  # rows ended at different steps
 
 
-@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2", "llama_hd32"])
 def test_sampled_rows_keep_their_own_cache_when_finished_rows_are_dropped(kind):
     """32 rows at temperature 1, each prompt repeated (prefilled once, then copied to its rows): many end early and
     are dropped from the batch; every survivor's log-probs must still be those of its own prefix (a mixed-up cache
@@ -60,6 +66,27 @@ def test_sampled_rows_keep_their_own_cache_when_finished_rows_are_dropped(kind):
     assert sum(done) >= 8 and lengths[0] < 20 and lengths[-1] == 40  # rows were dropped at several steps
     for prompt, row, lp in zip(prompts, ids, lps):
         torch.testing.assert_close(torch.tensor(lp), _teacher_forced(model, prompt, row), atol=2e-5, rtol=0)
+
+
+def test_decode_kernel_samples_what_torchs_ops_sample(monkeypatch):
+    from posttrain import kernels
+    from posttrain.models import decode
+
+    if kernels.load("decode_attention") is None:
+        pytest.skip("no C++ compiler: torch's ops decode instead")
+    model = _model("llama_hd32")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]  # left-padded: some cache slots are never readable
+    calls = []
+    kernel_of = decode._decode_kernel
+    monkeypatch.setattr(decode, "_decode_kernel", lambda *a: calls.append(1) or kernel_of(*a))
+    with_kernel = LeanDecoder(model).generate(prompts, 30, 1.0, 0, 1.0, EOS, torch.Generator().manual_seed(3))
+    assert calls and kernel_of(torch.zeros(1), 32, torch.zeros(1)) is not None  # the kernel ran
+    monkeypatch.setattr(decode, "_decode_kernel", lambda *a: None)
+    with_torch = LeanDecoder(model).generate(prompts, 30, 1.0, 0, 1.0, EOS, torch.Generator().manual_seed(3))
+    assert with_kernel[0] == with_torch[0] and with_kernel[2] == with_torch[2]  # same draws: same tokens
+    assert any(with_kernel[2]) and not all(with_kernel[2])
+    for a, b in zip(with_kernel[1], with_torch[1]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
 
 
 def test_score_is_the_teacher_forced_forward_and_refresh_follows_new_weights():
