@@ -1,10 +1,10 @@
-"""CPU kernels in C++, compiled on first use and loaded through ctypes (no torch headers: a build takes about a second).
+"""CPU kernels in C++, compiled on first use and loaded through ctypes (no torch headers: a build takes about 2 s).
 
-`load(name)` compiles `<name>.cpp` beside this file with the host's C++ compiler (`$CXX`, else g++) for this
-machine's CPU (-march=native) into a cache directory, once per source, flags and CPU; concurrent processes (Ray
-workers) may race to build it, and each writes its own temporary file and renames it into place. Where no compiler
-works, or with POSTTRAIN_CPU_KERNELS=0, it returns None and callers run their torch path, which computes the same
-function.
+`load(name)` compiles `<name>.cpp` beside this file (with the headers it includes from here) using the host's C++
+compiler (`$CXX`, else g++) for this machine's CPU (-march=native) into a cache directory, once per source, flags
+and CPU; concurrent processes (Ray workers) may race to build it, and each writes its own temporary file and renames
+it into place. Where no compiler works, or with POSTTRAIN_CPU_KERNELS=0, it returns None and callers run their torch
+path, which computes the same function.
 
 Cache: $POSTTRAIN_KERNEL_CACHE, else $TORCH_EXTENSIONS_DIR/posttrain, else ~/.cache/posttrain/kernels.
 """
@@ -65,7 +65,8 @@ def load(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C++ compiler (set CXX or install g++): the %s kernel is off, torch computes it", name)
         return None
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join([compiler, *FLAGS]).encode(),
+    headers = [h.read_bytes() for h in sorted(SOURCES.glob("*.h"))]  # what the sources include
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, " ".join([compiler, *FLAGS]).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     try:

@@ -6,44 +6,16 @@
 //
 // Built by posttrain/kernels/__init__.py with g++ -O3 -march=native; called through ctypes on contiguous tensors.
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "vec_math.h"
 
 namespace {
 
-constexpr int64_t W = 16;  // floats per AVX-512 register
-
-// exp(x) for x <= 0, as in shared_prefix_attention.cpp: relative error below 2e-7, vectorisable.
-inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.0f);
-    const float n = std::nearbyint(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-template <int64_t D>
-inline float dot(const float* a, const float* b) {
-    float lanes[W] = {};
-    for (int64_t d = 0; d < D; d += W)
-        for (int64_t j = 0; j < W; ++j) lanes[j] += a[d + j] * b[d + j];
-    float total = 0.0f;
-    for (int64_t j = 0; j < W; ++j) total += lanes[j];
-    return total;
-}
+using posttrain::dot;
+using posttrain::exp_nonpositive;
+using posttrain::lane_sum;
+using posttrain::W;
 
 // HF's x * cos + rotate_half(x) * sin, with sin's first half negated: x * cos + roll(x, D/2) * signed_sin.
 template <int64_t D>
@@ -82,8 +54,7 @@ void step(const float* qkv, int64_t B, int64_t H, int64_t Hkv, const float* cos,
                         p[jb + j] = real ? exp_nonpositive(x[jb + j] - m) : 0.0f;
                         lanes[j] += p[jb + j];
                     }
-                float l = 0.0f;
-                for (int64_t j = 0; j < W; ++j) l += lanes[j];
+                const float l = lane_sum(lanes);
                 float o[D] = {};
                 for (int64_t j = 0; j < n; ++j) {
                     const float pj = p[j];

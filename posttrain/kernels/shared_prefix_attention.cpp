@@ -12,36 +12,18 @@
 //
 // Built by posttrain/kernels/__init__.py with g++ -O3 -march=native; called through ctypes on contiguous tensors.
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "vec_math.h"
 
 namespace {
 
-// exp(x) for x <= 0 (scores minus their maximum, or minus the log-sum-exp): 2^n * p(r) with r in [-ln2/2, ln2/2]
-// and a degree-7 polynomial; relative error below 2e-7, and plain arithmetic the compiler vectorises.
-inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: below it the weight is 0 to float precision anyway
-    const float n = std::nearbyint(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+using posttrain::dot;
+using posttrain::exp_nonpositive;
+using posttrain::lane_sum;
+using posttrain::W;
 
-constexpr int64_t W = 16;  // keys per chunk: one AVX-512 register of floats; key blocks are padded to a multiple
-
+// Keys go in chunks of W; key blocks are padded to a multiple of W.
 inline int64_t chunks(int64_t n) { return (n + W - 1) / W * W; }
 
 struct Segments {
@@ -79,13 +61,6 @@ inline void dots(const float* a, const float* t, int64_t Lk16, int64_t n, float 
     }
 }
 
-// Sums and maxima over W lanes first: float reductions do not vectorise otherwise (their order is fixed).
-inline float lane_sum(const float* lanes) {
-    float total = 0.0f;
-    for (int64_t j = 0; j < W; ++j) total += lanes[j];
-    return total;
-}
-
 // p[j] = exp(x[j] - m) for j < n, 0 for the padding up to chunks(n); returns the sum.
 inline float exp_shifted(const float* x, float m, int64_t n, float* p) {
     float lanes[W] = {};
@@ -105,14 +80,6 @@ inline float max_of(const float* x, int64_t n) {
     float m = lanes[0];
     for (int64_t j = 1; j < W; ++j) m = std::max(m, lanes[j]);
     return m;
-}
-
-template <int64_t D>
-inline float dot(const float* a, const float* b) {
-    float lanes[W] = {};
-    for (int64_t d = 0; d < D; d += W)
-        for (int64_t j = 0; j < W; ++j) lanes[j] += a[d + j] * b[d + j];
-    return lane_sum(lanes);
 }
 
 template <int64_t D>
