@@ -16,6 +16,10 @@
 
 #include "vec_math.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using posttrain::dot;
@@ -46,11 +50,21 @@ void gather(const float* src, const Segments& seg, int64_t s, int64_t g, int64_t
     }
 }
 
-// x[j] = scale * sum_d a[d] * t[d][j] for j < chunks(n): t is a transposed key block, vectorised over keys. Four
-// accumulators over interleaved d: one would chain every multiply-add on the one before it.
+// x[j] = scale * sum_d a[d] * t[d][j] for j < chunks(n): t is a transposed key block, vectorised over keys. With
+// AVX-512, four accumulators over interleaved d: one would chain every multiply-add on the one before it (the
+// compiler keeps only one accumulator array in registers, hence the intrinsics).
 template <int64_t D>
 inline void dots(const float* a, const float* t, int64_t Lk16, int64_t n, float scale, float* x) {
     for (int64_t jb = 0; jb < chunks(n); jb += W) {
+#if defined(__AVX512F__)
+        static_assert(D % 4 == 0 && W == 16);
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t d = 0; d < D; d += 4)
+            for (int64_t u = 0; u < 4; ++u)
+                acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(a[d + u]), _mm512_loadu_ps(t + (d + u) * Lk16 + jb), acc[u]);
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_storeu_ps(x + jb, _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
+#else
         float acc[W] = {};
         for (int64_t d = 0; d < D; ++d) {
             const float ad = a[d];
@@ -58,6 +72,7 @@ inline void dots(const float* a, const float* t, int64_t Lk16, int64_t n, float 
             for (int64_t j = 0; j < W; ++j) acc[j] += ad * row[j];
         }
         for (int64_t j = 0; j < W; ++j) x[jb + j] = acc[j] * scale;
+#endif
     }
 }
 

@@ -12,8 +12,8 @@ Attention is a function registered with transformers' AttentionInterface and swi
 forward (`shared_prefix_forward`), so the model's own modules, LoRA adapters and DeepSpeed hooks all run as usual.
 On CPU in float32 a C++ kernel (posttrain/kernels/shared_prefix_attention.cpp) computes it, forward and backward:
 each segment reads its rows in place, where torch's attention needs gathered, padded and masked copies (and their
-scattered gradients). In the GRPO benchmark's learner that is 1.0 ms against 2.3 ms for a layer's forward and
-3.5 ms against 5.9 ms with its backward (1604 tokens, 4 heads of 32). Elsewhere, or without a compiler, torch's
+scattered gradients). In the GRPO benchmark's learner that is 1.0 ms against 2.2 ms for a layer's forward and
+2.6 ms against 5.3 ms with its backward (1604 tokens, 4 heads of 32). Elsewhere, or without a compiler, torch's
 attention (`torch_attention`) runs; tests/test_shared_prefix.py checks both against the definition.
 It is exact for the architectures the lean decoder supports (decode.unsupported_reason): rotary positions from
 position_ids and full causal attention.
