@@ -29,6 +29,19 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     FLAGS.append("-mprefer-vector-width=512")  # where the CPU has AVX-512, use all of it (no effect otherwise)
 BUILD_TIMEOUT_S = 120
+HEAD_DIMS = (32, 64, 128, 256)  # the head sizes the attention kernels are compiled for (others: torch)
+
+# Each kernel's C functions: argument types (p: pointer, i: int64, f: float); every one returns an int status.
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {
+    "shared_prefix_attention": {
+        "spa_forward": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _F, _P, _P],
+        "spa_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _F, _P, _P, _P],
+    },
+    "decode_attention": {
+        "decode_attend": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _P, _I, _F, _P],
+    },
+}
 
 
 def enabled() -> bool:
@@ -57,7 +70,8 @@ def _cpu_signature() -> str:
 
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library of `<name>.cpp`, or None (disabled, or it cannot be built here: logged once)."""
+    """The compiled library of `<name>.cpp` with its functions typed (SIGNATURES), or None (disabled, or it cannot
+    be built here: logged once)."""
     if not enabled():
         return None
     source = SOURCES / f"{name}.cpp"
@@ -80,9 +94,13 @@ def load(name: str) -> ctypes.CDLL | None:
                 os.replace(partial, target)
             finally:
                 partial.unlink(missing_ok=True)
-        return ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
         log.warning("could not build the %s kernel with %s (%s): torch computes it", name, compiler,
                     str(detail).strip()[-500:])
         return None
+    for symbol, argtypes in SIGNATURES[name].items():
+        fn = getattr(lib, symbol)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib

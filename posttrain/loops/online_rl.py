@@ -28,8 +28,8 @@ from posttrain.algorithms.ppo import gae, token_rewards, whiten
 from posttrain.algorithms.rl_objective import RLObjective
 from posttrain.algorithms.running_stats import RunningMoments
 from posttrain.cluster import Demand, gather, round_robin, spawn, stage_phases
-from posttrain.data.batching import (Example, Packing, RLBatch, RLSample, collate, collate_rl, deal_even,
-                                     deal_groups, encode_prompt, pad_rows, step_indices)
+from posttrain.data.batching import (Example, Packing, RLSample, collate, deal_even, encode_prompt, pad_rows,
+                                     step_indices)
 from posttrain.data.datasets import load_split
 from posttrain.errors import PosttrainError
 from posttrain.loops.evaluate import evaluate_policy, sample, sampler_actors, verifier_actors, verify

@@ -18,7 +18,6 @@ requires.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -229,24 +228,15 @@ def _write(out_ids: torch.Tensor, out_lp: torch.Tensor, rows: torch.Tensor,
         out_lp[rows, end - len(steps) : end] = torch.stack(lps, dim=1)
 
 
-KERNEL_HEAD_DIMS = (32, 64, 128, 256)  # posttrain/kernels/decode_attention.cpp's builds
-
-
 def _decode_kernel(x: torch.Tensor, head_dim: int, cache: torch.Tensor):
     """The C++ decode-attention kernel for this step, or None (not float32 on CPU, a head size it has no build
     for, or not built: `_attend_one` and torch's ops compute the same)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or head_dim not in KERNEL_HEAD_DIMS \
-            or not cache.is_contiguous():
-        return None
     from posttrain import kernels
 
-    lib = kernels.load("decode_attention")
-    if lib is not None and not hasattr(lib, "_posttrain_typed"):
-        p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.decode_attend.argtypes = [p, i, i, i, i, p, p, p, p, i, i, p, i, f, p]
-        lib.decode_attend.restype = ctypes.c_int
-        lib._posttrain_typed = True
-    return lib
+    if x.device.type != "cpu" or x.dtype != torch.float32 or head_dim not in kernels.HEAD_DIMS \
+            or not cache.is_contiguous():
+        return None
+    return kernels.load("decode_attention")
 
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor,

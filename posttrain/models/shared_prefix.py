@@ -21,7 +21,6 @@ position_ids and full causal attention.
 
 from __future__ import annotations
 
-import ctypes
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
@@ -110,23 +109,15 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Pref
 def _kernel():
     from posttrain import kernels
 
-    lib = kernels.load("shared_prefix_attention")
-    if lib is not None and not hasattr(lib, "_posttrain_typed"):
-        p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.spa_forward.argtypes = [p, p, p, i, i, i, p, p, p, p, p, i, i, i, f, p, p]
-        lib.spa_backward.argtypes = [p, p, p, p, p, p, i, i, i, p, p, p, p, p, i, i, i, f, p, p, p]
-        lib.spa_forward.restype = lib.spa_backward.restype = ctypes.c_int
-        lib._posttrain_typed = True
-    return lib
-
-
-KERNEL_HEAD_DIMS = (32, 64, 128, 256)  # the kernel's compiled head sizes
+    return kernels.load("shared_prefix_attention")
 
 
 def _kernel_runs(*tensors: torch.Tensor) -> bool:
     """float32 on CPU, a head size the kernel is built for, and the kernel built (else torch's attention computes
     the same function)."""
-    return (tensors[0].shape[-1] in KERNEL_HEAD_DIMS and _kernel() is not None
+    from posttrain.kernels import HEAD_DIMS
+
+    return (tensors[0].shape[-1] in HEAD_DIMS and _kernel() is not None
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
@@ -145,9 +136,8 @@ def _segment_args(seg: PrefixSegments) -> list:
 
 
 def _check(status: int, head_dim: int) -> None:
-    if status != 0:
-        raise ValueError(f"the shared-prefix attention kernel has no build for head size {head_dim} "
-                         f"(it has {KERNEL_HEAD_DIMS})")
+    if status != 0:  # _kernel_runs keeps other head sizes away
+        raise ValueError(f"the shared-prefix attention kernel has no build for head size {head_dim}")
 
 
 class _KernelAttention(torch.autograd.Function):
@@ -169,7 +159,7 @@ class _KernelAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        (N, H, D), Hkv = q.shape, k.shape[1]
+        (_, H, D), Hkv = q.shape, k.shape[1]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         _check(_kernel().spa_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                       grad_out.data_ptr(), H, Hkv, D, *_segment_args(ctx.seg), ctx.scale,
